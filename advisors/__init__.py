@@ -1,0 +1,1 @@
+"""Workload-level advice: indexes, partitions and rewrites."""

@@ -1,0 +1,1 @@
+"""pgpilot's offline half: collectors, workload analysis, models and their registry."""

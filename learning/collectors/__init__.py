@@ -1,0 +1,1 @@
+"""Collectors: time-stamped snapshots of what PostgreSQL knows about itself."""

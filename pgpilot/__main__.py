@@ -1,0 +1,5 @@
+import sys
+
+from pgpilot.cli import main
+
+sys.exit(main())

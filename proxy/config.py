@@ -1,0 +1,183 @@
+"""The one home of pgpilot's configuration: a validated model, loaded from YAML and the environment.
+
+Every validation error names the key path and the file it came from. Defaults are documented in
+config.yaml at the repository root; keep the two in step.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the key and the file it concerns."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Database(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(5432, ge=1, le=65535)
+    dbname: str | None = None  # defaults to the entry's name
+    user: str = "postgres"
+    password: str | None = None
+    pool_size: int | None = Field(None, ge=1)  # overrides the global pool_size
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = "disable"
+    sslrootcert: str | None = None
+
+
+class Timeouts(_Section):
+    connect: float = Field(5.0, gt=0)            # seconds to open and authenticate a backend
+    query_wait: float = Field(30.0, gt=0)        # seconds a client may wait for a backend
+    client_idle: float = Field(0.0, ge=0)        # close clients idle this long (0 = never)
+    idle_in_transaction: float = Field(0.0, ge=0)  # close clients idle inside a transaction (0 = never)
+    server_idle: float = Field(600.0, ge=0)      # close pooled backends idle this long (0 = never)
+    server_lifetime: float = Field(3600.0, ge=0)  # recycle backends older than this when released (0 = never)
+    query: float = Field(0.0, ge=0)              # cancel statements running longer (0 = never)
+    shutdown: float = Field(30.0, ge=0)          # graceful shutdown waits this long for transactions
+
+
+class QueryLogConfig(_Section):
+    enabled: bool = True
+    dsn: str | None = None          # log store; default: the first configured database
+    queue_size: int = Field(100_000, ge=100)
+    batch_size: int = Field(5_000, ge=1)
+    flush_interval: float = Field(0.5, gt=0)
+    retention_days: int = Field(14, ge=1)
+    parameters: bool = False        # store literal values / bound parameters (separate column)
+    spool_dir: str = "/tmp/pgpilot-spool"
+    spool_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
+
+
+class CacheConfig(_Section):
+    enabled: bool = False
+    redis_url: str | None = None
+    l1_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    max_entry_bytes: int = Field(1024 * 1024, ge=0)
+    redis_max_bytes: int = Field(512 * 1024 * 1024, ge=0)
+    default_ttl: float = Field(300.0, gt=0)
+    redis_timeout: float = Field(0.05, gt=0)
+
+
+class AdminConfig(_Section):
+    database: str = "pgpilot"
+    admin_users: list[str] = Field(default_factory=lambda: ["postgres"])
+    stats_users: list[str] = Field(default_factory=list)
+    http_listen: str | None = "127.0.0.1:9930"   # Prometheus /metrics, /healthz, /readyz
+
+
+class LearningConfig(_Section):
+    model_dir: str = "./var/models"
+    interval: str = "10m"
+    collect_plans_min_calls: int = Field(20, ge=1)
+    cv_folds: int = Field(3, ge=2)
+    search_budget_seconds: float = Field(60.0, gt=0)
+
+
+class AdvisorsConfig(_Section):
+    storage_budget: str = "500MB"
+
+
+class Config(_Section):
+    listen: str = "127.0.0.1:6432"
+    pool_mode: Literal["session", "transaction"] = "transaction"
+    pool_size: int = Field(20, ge=1)
+    max_client_conn: int = Field(1000, ge=1)
+    reset_query: str = "DISCARD ALL"
+    max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["plain", "json"] = "plain"
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    databases: dict[str, Database] = Field(default_factory=dict)
+    query_log: QueryLogConfig = Field(default_factory=QueryLogConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    learning: LearningConfig = Field(default_factory=LearningConfig)
+    advisors: AdvisorsConfig = Field(default_factory=AdvisorsConfig)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, v: str) -> str:
+        parse_host_port(v)
+        return v
+
+    @model_validator(mode="after")
+    def _fill_dbnames(self) -> "Config":
+        for name, db in self.databases.items():
+            if db.dbname is None:
+                db.dbname = name
+        return self
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_host_port(self.listen)
+
+    def pool_size_for(self, database: str) -> int:
+        db = self.databases[database]
+        return db.pool_size or self.pool_size
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected host:port, got {value!r}")
+    return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def database_from_url(url: str) -> tuple[str, dict]:
+    """A libpq URL (postgresql://user:pass@host:port/db) as a databases entry."""
+    u = urlparse(url)
+    if u.scheme not in ("postgres", "postgresql"):
+        raise ValueError(f"expected a postgresql:// URL, got {url!r}")
+    dbname = unquote(u.path.lstrip("/")) or unquote(u.username or "postgres")
+    entry = {"host": u.hostname or "127.0.0.1", "port": u.port or 5432, "dbname": dbname,
+             "user": unquote(u.username or "postgres")}
+    if u.password:
+        entry["password"] = unquote(u.password)
+    return dbname, entry
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"{source}: {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read the YAML file (if any), apply PGPILOT_LISTEN / PGPILOT_UPSTREAM, validate."""
+    env = os.environ if env is None else env
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: (top level): expected a mapping of keys")
+    if env.get("PGPILOT_LISTEN"):
+        raw["listen"] = env["PGPILOT_LISTEN"]
+    if env.get("PGPILOT_UPSTREAM"):
+        try:
+            name, entry = database_from_url(env["PGPILOT_UPSTREAM"])
+        except ValueError as e:
+            raise ConfigError(f"PGPILOT_UPSTREAM: {e}") from None
+        raw["databases"] = {name: entry}
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
