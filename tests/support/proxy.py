@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+from signal import SIGINT
 import subprocess
 import sys
 import tempfile
@@ -65,7 +66,7 @@ class ProxyProcess:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 15) -> int | None:
+    def stop(self, sig: int = SIGINT, timeout: float = 15) -> int | None:
         code = None
         if self.proc is not None:
             if self.proc.poll() is None:
