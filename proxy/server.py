@@ -1,0 +1,271 @@
+"""The proxy process: listeners, the shared server state that sessions and pools hang off, signals, housekeeping.
+
+`pgpilot serve -c config.yaml` lands in main(). One asyncio (uvloop when available) process; run several
+behind a load balancer or with SO_REUSEPORT to use more cores.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+
+from proxy import protocol as P
+from proxy.config import Config, ConfigError, load_config
+from proxy.pool import Pool
+from proxy.session import ClientSession, StatementNames
+
+log = logging.getLogger("pgpilot.server")
+
+
+class ServerStats:
+    """Process-wide counters the admin console and metrics read."""
+
+    def __init__(self):
+        self.clients_accepted = 0
+        self.clients_refused = 0
+        self.wait_timeouts = 0
+        self.waits = 0
+        self.wait_us_total = 0
+        self.errors_by_sqlstate: Counter[str] = Counter()
+        self.cancels = 0
+
+    def record_wait(self, us: int) -> None:
+        self.waits += 1
+        self.wait_us_total += us
+
+    def count_error(self, sqlstate: str) -> None:
+        self.errors_by_sqlstate[sqlstate] += 1
+
+
+class ProxyServer:
+    """Shared state of one proxy process: config, pools, clients, cancel keys; walked by shutdown."""
+
+    def __init__(self, config: Config, config_path: str | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.pools: dict[str, Pool] = {
+            name: Pool(name, db, config.pool_size_for(name), config.timeouts)
+            for name, db in config.databases.items()}
+        self.clients: set[ClientSession] = set()
+        self.cancel_keys: dict[int, ClientSession] = {}
+        self.statement_names = StatementNames()
+        self.stats = ServerStats()
+        self.query_log = None
+        self.proxy_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._client_ids = 0
+        self._xact_ids = 0
+        self._servers: list[asyncio.base_events.Server] = []
+        self._tasks: list[asyncio.Task] = []
+        self.stopping = False
+        self.stopped = asyncio.Event()
+
+    # ---------------------------------------------------------------- ids and registries
+
+    def next_client_id(self) -> int:
+        self._client_ids += 1
+        return self._client_ids
+
+    def next_xact_id(self) -> int:
+        self._xact_ids += 1
+        return self._xact_ids
+
+    def admit(self, client: ClientSession) -> bool:
+        if self.stopping or len(self.clients) >= self.config.max_client_conn:
+            self.stats.clients_refused += 1
+            return False
+        self.clients.add(client)
+        self.stats.clients_accepted += 1
+        return True
+
+    def forget(self, client: ClientSession) -> None:
+        self.clients.discard(client)
+        if self.cancel_keys.get(client.cancel_pid) is client:
+            del self.cancel_keys[client.cancel_pid]
+
+    def register_cancel_key(self, client: ClientSession) -> tuple[int, int]:
+        while True:
+            pid = random.randrange(1, 2**31)
+            if pid not in self.cancel_keys:
+                break
+        self.cancel_keys[pid] = client
+        return pid, random.randrange(0, 2**32)
+
+    def cancel(self, pid: int, secret: int) -> None:
+        client = self.cancel_keys.get(pid)
+        if client is None or client.cancel_secret != secret:
+            log.info("cancel request for an unknown key ignored")
+            return
+        self.stats.cancels += 1
+        client.cancel_running()
+
+    def send_cancel(self, be) -> None:
+        db = be.pool.db
+
+        async def _send():
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(db.host, db.port), self.config.timeouts.connect)
+                writer.write(P.cancel_request(be.pid, be.secret))
+                await writer.drain()
+                writer.close()
+            except (OSError, asyncio.TimeoutError) as e:
+                log.warning("could not send a cancel request to %s:%s: %s", db.host, db.port, e)
+
+        self._spawn(_send())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.config.query_log.enabled and self.config.databases:
+            self.query_log = self._make_query_log()
+            if self.query_log is not None:
+                await self.query_log.start()
+        host, port = self.config.listen_address
+        srv = await loop.create_server(lambda: ClientSession(self), host, port, backlog=4096, reuse_address=True)
+        self._servers.append(srv)
+        self._spawn(self._housekeeping())
+        log.info("pgpilot listening on %s:%s (%s pooling, databases: %s)", host, port, self.config.pool_mode,
+                 ", ".join(self.pools) or "none")
+
+    def _make_query_log(self):
+        try:
+            from proxy.querylog import QueryLog
+        except ImportError:
+            log.warning("query log writer unavailable; query logging disabled")
+            return None
+        cfg = self.config.query_log
+        dsn = cfg.dsn or self.default_store_dsn()
+        return QueryLog(cfg, dsn, self.proxy_id)
+
+    def default_store_dsn(self) -> str:
+        from urllib.parse import quote
+        name, db = next(iter(self.config.databases.items()))
+        auth = quote(db.user) + (":" + quote(db.password) if db.password else "")
+        return f"postgresql://{auth}@{db.host}:{db.port}/{quote(db.dbname)}"
+
+    async def _housekeeping(self) -> None:
+        """Once a second: idle and transaction timeouts, stuck queries, idle backends."""
+        while not self.stopping:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            t = self.config.timeouts
+            for client in list(self.clients):
+                if client.state != "ready" or client.closed:
+                    continue
+                idle = now - client.last_activity
+                if client.pending:
+                    if t.query and now - client.busy_since > t.query and not getattr(client, "_timeout_cancelled", False):
+                        client._timeout_cancelled = True
+                        client.cancel_running()
+                    continue
+                client._timeout_cancelled = False
+                if client.txn_status != b"I" and t.idle_in_transaction and idle > t.idle_in_transaction:
+                    client.fatal("25P03", "terminating connection due to idle-in-transaction timeout")
+                elif client.txn_status == b"I" and t.client_idle and idle > t.client_idle and client.stash is None:
+                    client.fatal("57P05", "terminating connection due to idle-session timeout")
+            for pool in self.pools.values():
+                pool.close_idle_older_than(t.server_idle, now)
+
+    async def shutdown(self, graceful: bool) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        for srv in self._servers:
+            srv.close()
+        if graceful:
+            deadline = time.monotonic() + self.config.timeouts.shutdown
+            log.info("shutting down: waiting up to %.0fs for open transactions", self.config.timeouts.shutdown)
+            while time.monotonic() < deadline:
+                busy = [c for c in self.clients if c.backend is not None or c.pending]
+                for c in list(self.clients):
+                    if c.backend is None and not c.pending and c.state == "ready":
+                        c.fatal("57P01", "terminating connection due to administrator command")
+                if not busy:
+                    break
+                await asyncio.sleep(0.05)
+        for c in list(self.clients):
+            c.fatal("57P01", "terminating connection due to administrator command")
+        for pool in self.pools.values():
+            pool.close_all()
+        if self.query_log is not None:
+            try:
+                await asyncio.wait_for(self.query_log.stop(), 10)
+            except Exception as e:  # the log must never keep the proxy from stopping
+                log.warning("query log did not stop cleanly: %s", e)
+        self.stopped.set()
+
+
+# -------------------------------------------------------------------- process entry point
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def install_event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(config: Config, config_path: str | None = None) -> int:
+    server = ProxyServer(config, config_path)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(server.shutdown(graceful=True)))
+    loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.shutdown(graceful=False)))
+    await server.stopped.wait()
+    log.info("pgpilot stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pgpilot serve", description="Run the pgpilot proxy.")
+    parser.add_argument("-c", "--config", help="config file (YAML); PGPILOT_LISTEN / PGPILOT_UPSTREAM override it")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"pgpilot: invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    if not config.databases:
+        print("pgpilot: no databases configured (set `databases` in the config file or PGPILOT_UPSTREAM)",
+              file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, config.log_format)
+    install_event_loop_policy()
+    try:
+        return asyncio.run(serve(config, args.config))
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1

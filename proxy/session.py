@@ -1,0 +1,820 @@
+"""A client connection's whole life: startup, then every message to and from its backend (the hot path).
+
+Client messages are split by header and forwarded as they came, except where transaction pooling needs a
+change: named prepared statements are renamed to per-pool server names and re-prepared on demand, session
+settings are replayed when the client lands on a backend configured for someone else. Every request sent to
+the backend is remembered in `pending`, in order, with what answers it; that queue is how the session knows
+when a transaction ends, which answers to swallow (its own hidden requests), where to insert answers the
+proxy gives itself (synthetic entries), and when each statement finished (for the query log).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from proxy import protocol as P
+from proxy.effects import Effect, effects_of
+from proxy.pool import BackendConnection, Pool, UpstreamError
+from proxy.protocol import MessageSplitter, ProtocolError
+from proxy.querylog import QueryEvent
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyServer
+
+log = logging.getLogger("pgpilot.session")
+
+CLIENT_WATCH = frozenset(b"QPBEDCSHXFcfp")   # all but CopyData, which streams through
+_NOT_STATEFUL = ()
+
+# Startup parameters that are not session settings.
+_STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
+# Parameters the server reports with ParameterStatus, which the client must be told about at startup.
+_REPORTED = ("application_name", "client_encoding", "DateStyle", "default_transaction_read_only",
+             "in_hot_standby", "integer_datetimes", "IntervalStyle", "is_superuser", "server_encoding",
+             "server_version", "session_authorization", "standard_conforming_strings", "TimeZone")
+_REPORTED_LOWER = {n.lower(): n for n in _REPORTED}
+
+_settings_intern: dict[tuple, tuple] = {}
+
+
+class Pending:
+    """One request sent to the backend, waiting for the message that completes it."""
+
+    __slots__ = ("kind", "hidden", "synthetic", "sql", "start", "done", "effects", "server_name", "params")
+
+    def __init__(self, kind: int, hidden: bool = False, synthetic: bytes | None = None, sql: bytes | None = None,
+                 start: float = 0.0, effects: tuple = _NOT_STATEFUL, server_name: bytes | None = None):
+        self.kind = kind
+        self.hidden = hidden
+        self.synthetic = synthetic      # bytes the proxy answers itself when this entry reaches the head
+        self.sql = sql
+        self.start = start
+        self.done = 0                   # statements completed (multi-statement simple Query)
+        self.effects = effects
+        self.server_name = server_name  # a Parse's server-side statement name, forgotten if it fails
+        self.params = None
+
+
+class StatementNames:
+    """Server-side names for prepared statements, shared by every client of a pool: one name per (query, types)."""
+
+    def __init__(self, limit: int = 100_000):
+        self._names: dict[bytes, bytes] = {}
+        self._limit = limit
+        self._counter = 0
+
+    def name_for(self, key: bytes) -> bytes:
+        name = self._names.get(key)
+        if name is None:
+            if len(self._names) >= self._limit:
+                self._names.clear()  # backends keep the old names until they are recycled
+            self._counter += 1
+            name = b"pgpilot_%x" % self._counter
+            self._names[key] = name
+        return name
+
+
+class ClientSession(asyncio.Protocol):
+    """One client connection and, while it has one, its backend."""
+
+    def __init__(self, server: "ProxyServer"):
+        self.server = server
+        self.config = server.config
+        self.id = server.next_client_id()
+        self.transport: asyncio.Transport | None = None
+        self.state = "startup"
+        self.closed = False
+        self._startup_buf = b""
+        self.splitter = MessageSplitter(CLIENT_WATCH, self.config.max_message_bytes)
+        self.client_addr: str | None = None
+        self.user = ""
+        self.database = ""
+        self.application_name = ""
+        self.pool: Pool | None = None
+        self.backend: BackendConnection | None = None
+        self.pending: deque[Pending] = deque()
+        self.stash: list | None = None           # messages waiting for a backend
+        self.skip_until_sync = False
+        self.txn_status = b"I"
+        self.transaction_mode = self.config.pool_mode == "transaction"
+        self.pinned: str | None = None if self.transaction_mode else "session pool mode"
+        self.stmts: dict[bytes, tuple[bytes, bytes, bytes]] = {}  # client name -> (server name, body, sql)
+        self.unnamed: bytes | None = None        # body of the client's unnamed Parse (query + types)
+        self.unnamed_sql: bytes | None = None
+        self.portals: dict[bytes, bytes | None] = {}
+        self.startup_settings: dict[str, str] = {}
+        self.session_settings: dict[str, str] = {}   # lower-cased name -> SET statement text
+        self._setting_changes: list[Effect] = []
+        self._rolled_back = False
+        self.settings_key: tuple = ()
+        self.reported: dict[str, str] = {}
+        self.cancel_pid = 0
+        self.cancel_secret = 0
+        self.connected_at = time.time()
+        self.last_activity = time.monotonic()
+        self.busy_since = 0.0
+        self.wait_started = 0.0
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self._wait_us = 0
+        self.reading_paused_for: set[str] = set()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._bytes_mark = 0
+        self.xact_id = 0
+        self.query_log = server.query_log
+        self.stats = server.stats
+
+    # ================================================================ asyncio.Protocol callbacks
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=256 * 1024)
+        peer = transport.get_extra_info("peername")
+        self.client_addr = peer[0] if isinstance(peer, tuple) else None
+        if not self.server.admit(self):
+            transport.write(P.error_response("53300", "sorry, too many clients already", "FATAL"))
+            transport.close()
+            self.closed = True
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        self.bytes_in += len(data)
+        if self.state != "ready":
+            self._startup_data(data)
+            return
+        try:
+            items = self.splitter.feed(data)
+        except ProtocolError as e:
+            self.fatal("08P01", f"invalid frontend message: {e}")
+            return
+        if self.stash is not None:
+            self.stash.extend(items)
+        else:
+            self._to_server(items, 0)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.state = "closed"
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+        if self.pool is not None and self.stash is not None:
+            self.pool.cancel_wait(self)
+        self._give_back_backend()
+        self.server.forget(self)
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the backend sends: stop reading the backend.
+        if self.backend is not None:
+            self.backend.pause_reading(True)
+
+    def resume_writing(self) -> None:
+        if self.backend is not None:
+            self.backend.pause_reading(False)
+
+    def backend_write_paused(self, paused: bool) -> None:
+        self._pause_reading("backend", paused)
+
+    def _pause_reading(self, reason: str, paused: bool) -> None:
+        was = bool(self.reading_paused_for)
+        if paused:
+            self.reading_paused_for.add(reason)
+        else:
+            self.reading_paused_for.discard(reason)
+        now = bool(self.reading_paused_for)
+        if self.transport is not None and was != now and not self.closed:
+            if now:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    # ================================================================ startup
+
+    def _startup_data(self, data: bytes) -> None:
+        if self.state != "startup":
+            self._startup_buf += data   # pipelined before we answered; handled once ready
+            return
+        buf = self._startup_buf + data
+        while len(buf) >= 4:
+            length = P.unpack_i32(buf, 0)
+            if length < 8 or length > P.MAX_STARTUP_PACKET:
+                self.fatal("08P01", "invalid length of startup packet")
+                return
+            if len(buf) < length:
+                break
+            packet, buf = buf[4:length], buf[length:]
+            try:
+                code, params = P.parse_startup(packet)
+            except ProtocolError as e:
+                self.fatal("08P01", str(e))
+                return
+            if code in (P.SSL_REQUEST, P.GSSENC_REQUEST):
+                self.transport.write(b"N")
+                continue
+            if code == P.CANCEL_REQUEST:
+                try:
+                    pid, secret = P.parse_cancel(packet)
+                except ProtocolError as e:
+                    self.fatal("08P01", str(e))
+                    return
+                self.server.cancel(pid, secret)
+                self.close()
+                return
+            if code >> 16 != 3:
+                self.fatal("0A000", f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                                    "server supports 3.0 to 3.0")
+                return
+            self._startup_buf = buf
+            self.state = "starting"
+            asyncio.get_running_loop().create_task(self._start_session(code, params))
+            return
+        self._startup_buf = buf
+
+    async def _start_session(self, code: int, params: dict[str, str]) -> None:
+        unrecognized = [k for k in params if k.startswith("_pq_.")]
+        if code & 0xFFFF or unrecognized:
+            self.transport.write(P.negotiate_protocol_version(0, unrecognized))
+        user = params.get("user")
+        if not user:
+            self.fatal("28000", "no PostgreSQL user name specified in startup packet")
+            return
+        if params.get("replication", "false").lower() not in ("false", "0", "no", "off"):
+            self.fatal("28000", "pgpilot does not carry replication connections")
+            return
+        database = params.get("database") or user
+        self.user, self.database = user, database
+        self.application_name = params.get("application_name", "")
+        pool = self.server.pools.get(database)
+        if pool is None:
+            self.fatal("3D000", f'database "{database}" does not exist')
+            return
+        self.pool = pool
+        settings = {k: v for k, v in params.items() if k not in _STARTUP_ONLY and not k.startswith("_pq_.")}
+        if params.get("options"):
+            settings.update(P.parse_options(params["options"]))
+        self.startup_settings = settings
+        self._recompute_settings_key()
+        try:
+            server_params = await self.pool.ensure_server_params()
+        except UpstreamError as e:
+            self.fatal(e.sqlstate, str(e))
+            return
+        if self.closed:
+            return
+        reported = dict(server_params)
+        for k, v in settings.items():
+            name = _REPORTED_LOWER.get(k.lower())
+            if name:
+                reported[name] = v
+        self.reported = reported
+        self.cancel_pid, self.cancel_secret = self.server.register_cancel_key(self)
+        out = [P.AUTH_OK]
+        out.extend(P.parameter_status(k, v) for k, v in reported.items())
+        out.append(P.backend_key_data(self.cancel_pid, self.cancel_secret))
+        out.append(P.ready_for_query(b"I"))
+        self.transport.write(b"".join(out))
+        self.state = "ready"
+        log.debug("client %s connected: user=%s database=%s addr=%s", self.id, user, database, self.client_addr)
+        rest, self._startup_buf = self._startup_buf, b""
+        if rest:
+            self.data_received(rest)
+
+    # ================================================================ client -> server
+
+    def _to_server(self, items: list, i: int) -> None:
+        """Forward client messages items[i:] to the backend, acquiring one first if needed."""
+        be = self.backend
+        pending = self.pending
+        out: list = []          # bytes for the backend
+        cout: list = []         # bytes the proxy answers the client with itself
+        if not pending:
+            self.busy_since = time.monotonic()
+        n = len(items)
+        while i < n:
+            item = items[i]
+            i += 1
+            if type(item) is not tuple:
+                # CopyData bytes streaming through.
+                if not self.skip_until_sync and be is not None:
+                    out.append(item)
+                continue
+            t, raw = item
+            if self.skip_until_sync and t != P.F_SYNC and t != P.F_TERMINATE:
+                continue
+            if t == P.F_SYNC:
+                self.skip_until_sync = False
+                if be is None:
+                    self._answer(P.ready_for_query(self.txn_status), cout)
+                    continue
+                out.append(raw)
+                pending.append(Pending(t))
+                continue
+            if t == P.F_TERMINATE:
+                self._flush(be, out, cout)
+                self.close()
+                return
+            if t == P.F_FLUSH:
+                if be is not None:
+                    out.append(raw)
+                continue
+            if be is None:
+                if t == P.F_PARSE and raw[5] != 0:
+                    # A named Parse outside a transaction is only remembered: it is prepared on whichever
+                    # backend first needs it, so a synchronous prepare never waits for a busy pool.
+                    self._parse_named(raw, None, cout)
+                    continue
+                self._flush(be, out, cout)
+                self._acquire(items, i - 1)
+                return
+            if t == P.F_QUERY:
+                sql = raw[5:-1]
+                effects = effects_of(sql)
+                be.unnamed_key = None   # a simple Query destroys the unnamed statement
+                if effects:
+                    if self._query_effects_now(effects, raw, cout):
+                        continue
+                pending.append(Pending(t, sql=sql, start=time.perf_counter(), effects=effects))
+                out.append(raw)
+            elif t == P.F_EXECUTE:
+                portal, _ = P.read_cstring(raw, 5)
+                sql = self.portals.get(portal)
+                effects = effects_of(sql) if sql else _NOT_STATEFUL
+                if effects:
+                    self._pin_if_needed(effects)
+                pending.append(Pending(t, sql=sql, start=time.perf_counter(), effects=effects))
+                out.append(raw)
+            elif t == P.F_BIND:
+                portal, pos = P.read_cstring(raw, 5)
+                stmt, pos2 = P.read_cstring(raw, pos)
+                if not stmt:
+                    self._ensure_unnamed(be, out)
+                    self.portals[portal] = self.unnamed_sql
+                    out.append(raw)
+                else:
+                    entry = self.stmts.get(stmt)
+                    if entry is None:
+                        self.portals[portal] = None
+                        out.append(raw)   # Postgres answers 26000 for the client's own name
+                    else:
+                        server_name = self._ensure_prepared(be, entry, out)
+                        out.append(P.message(P.F_BIND, portal + b"\0" + server_name + b"\0" + raw[pos2:]))
+                        self.portals[portal] = entry[2]
+                pending.append(Pending(t))
+            elif t == P.F_PARSE:
+                if raw[5] != 0:
+                    self._parse_named(raw, be, cout, out)
+                else:
+                    body = raw[6:]
+                    self.unnamed, self.unnamed_sql = body, P.read_cstring(body, 0)[0]
+                    be.unnamed_key = body
+                    pending.append(Pending(t))
+                    out.append(raw)
+            elif t == P.F_DESCRIBE:
+                what = raw[5]
+                name, _ = P.read_cstring(raw, 6)
+                if what == 0x53:  # 'S'
+                    if not name:
+                        self._ensure_unnamed(be, out)
+                        out.append(raw)
+                    else:
+                        entry = self.stmts.get(name)
+                        if entry is None:
+                            out.append(raw)
+                        else:
+                            server_name = self._ensure_prepared(be, entry, out)
+                            out.append(P.message(P.F_DESCRIBE, b"S" + server_name + b"\0"))
+                else:
+                    out.append(raw)
+                pending.append(Pending(t))
+            elif t == P.F_CLOSE:
+                what = raw[5]
+                name, _ = P.read_cstring(raw, 6)
+                if what == 0x53 and name:
+                    # The server-side statement stays prepared for other clients of the pool.
+                    self.stmts.pop(name, None)
+                    self._answer(P.CLOSE_COMPLETE, cout)
+                else:
+                    if what != 0x53:
+                        self.portals.pop(name, None)
+                    pending.append(Pending(t))
+                    out.append(raw)
+            elif t == P.F_COPY_DONE or t == P.F_COPY_FAIL:
+                out.append(raw)
+            elif t == P.F_FUNCTION_CALL:
+                pending.append(Pending(t, start=time.perf_counter()))
+                out.append(raw)
+            else:
+                self._flush(be, out, cout)
+                self.fatal("08P01", f"invalid frontend message type {t}")
+                return
+        self._flush(be, out, cout)
+
+    @property
+    def pool_names(self) -> StatementNames:
+        return self.server.statement_names
+
+    def _flush(self, be: BackendConnection | None, out: list, cout: list) -> None:
+        if out and be is not None and not be.closed:
+            be.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if cout:
+            self._write(b"".join(cout))
+
+    def _answer(self, msg: bytes, cout: list) -> None:
+        """An answer the proxy gives itself, in its place in the response stream."""
+        if self.pending:
+            self.pending.append(Pending(0, synthetic=msg))
+        else:
+            cout.append(msg)
+
+    def _synthetic_error(self, sqlstate: str, msg: str, cout: list) -> None:
+        self._answer(P.error_response(sqlstate, msg), cout)
+        self.skip_until_sync = True
+
+    def _parse_named(self, raw: bytes, be: BackendConnection | None, cout: list, out: list | None = None) -> None:
+        name, pos = P.read_cstring(raw, 5)
+        body = raw[pos:]
+        if name in self.stmts:
+            self._synthetic_error("42P05", f'prepared statement "{name.decode(errors="replace")}" already exists', cout)
+            return
+        server_name = self.pool_names.name_for(body)
+        self.stmts[name] = (server_name, body, P.read_cstring(body, 0)[0])
+        if be is None or server_name in be.prepared:
+            self._answer(P.PARSE_COMPLETE, cout)
+        else:
+            be.prepared.add(server_name)
+            self.pending.append(Pending(P.F_PARSE, server_name=server_name))
+            out.append(P.parse(server_name, body))
+
+    def _ensure_prepared(self, be: BackendConnection, entry: tuple, out: list) -> bytes:
+        server_name, body, _ = entry
+        if server_name not in be.prepared:
+            be.prepared.add(server_name)
+            self.pending.append(Pending(P.F_PARSE, hidden=True, server_name=server_name))
+            out.append(P.parse(server_name, body))
+        return server_name
+
+    def _ensure_unnamed(self, be: BackendConnection, out: list) -> None:
+        if self.unnamed is not None and be.unnamed_key != self.unnamed:
+            be.unnamed_key = self.unnamed
+            self.pending.append(Pending(P.F_PARSE, hidden=True))
+            out.append(P.parse(b"", self.unnamed))
+
+    def _pin_if_needed(self, effects: tuple) -> None:
+        if self.pinned is None:
+            for e in effects:
+                if e.kind == Effect.PIN:
+                    self.pinned = e.name
+                    log.debug("client %s pinned to backend %s: %s", self.id,
+                              self.backend.pid if self.backend else None, e.name)
+                    return
+
+    def _query_effects_now(self, effects: tuple, raw: bytes, cout: list) -> bool:
+        """Effects acted on when a simple Query is sent; True if the proxy answered it itself."""
+        self._pin_if_needed(effects)
+        if len(effects) == 1 and effects[0].kind == Effect.DEALLOCATE:
+            e = effects[0]
+            target = e.name.encode() if e.name else None
+            if target is None or target in self.stmts:
+                # The client's protocol-level statements live under other names on the server.
+                if target is None:
+                    self.stmts.clear()
+                else:
+                    del self.stmts[target]
+                tag = "DEALLOCATE ALL" if target is None else "DEALLOCATE"
+                sql = raw[5:-1]
+                if sql.count(b";") <= 1:
+                    self._answer(P.command_complete(tag), cout)
+                    self._answer(P.ready_for_query(self.txn_status), cout)
+                    return True
+        return False
+
+    # ================================================================ backends
+
+    def _acquire(self, items: list, i: int) -> None:
+        self.stash = items[i:] if i else items
+        be = self.pool.acquire_nowait()
+        if be is not None:
+            self._wait_us = 0
+            self.attach_backend(be)
+            return
+        self._pause_reading("wait", True)
+        self.wait_started = time.perf_counter()
+        self.pool.wait(self)
+        qw = self.config.timeouts.query_wait
+        self._wait_timer = asyncio.get_running_loop().call_later(qw, self._wait_timed_out)
+
+    def attach_backend(self, be: BackendConnection) -> None:
+        """The pool lends us a backend: replay our settings if it has someone else's, then send what waited."""
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+            self._wait_us = int((time.perf_counter() - self.wait_started) * 1e6)
+            self.stats.record_wait(self._wait_us)
+        self.backend = be
+        be.owner = self
+        self.xact_id = self.server.next_xact_id()
+        if be.settings_key != self.settings_key:
+            self.pending.append(Pending(P.F_QUERY, hidden=True))
+            be.transport.write(P.query(self._settings_sql()))
+            be.settings_key = self.settings_key
+        stash, self.stash = self.stash, None
+        self._pause_reading("wait", False)
+        if stash:
+            self._to_server(stash, 0)
+
+    def _wait_timed_out(self) -> None:
+        self._wait_timer = None
+        self.pool.cancel_wait(self)
+        self.stats.wait_timeouts += 1
+        self._fail_stash("53300", f"pgpilot: no server connection for database \"{self.database}\" became free "
+                                  f"within query_wait timeout ({self.config.timeouts.query_wait:g}s)")
+
+    def acquire_failed(self, err: UpstreamError) -> None:
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+        self._fail_stash(err.sqlstate, f"pgpilot: {err}")
+
+    def _fail_stash(self, sqlstate: str, msg: str) -> None:
+        """Answer the waiting request with an error, as Postgres would, and carry on with the session."""
+        stash, self.stash = self.stash or [], None
+        self._pause_reading("wait", False)
+        if self.closed:
+            return
+        self._write(P.error_response(sqlstate, msg))
+        first = stash[0] if stash else None
+        if type(first) is tuple and first[0] in (P.F_QUERY, P.F_FUNCTION_CALL):
+            self._write(P.ready_for_query(self.txn_status))
+            rest = stash[1:]
+        else:
+            self.skip_until_sync = True
+            rest = stash
+        if rest:
+            self._to_server(rest, 0)
+
+    def _give_back_backend(self) -> None:
+        be, self.backend = self.backend, None
+        if be is None:
+            return
+        be.owner = None
+        if be.closed:
+            return
+        if self.pending:
+            be.close()      # a request is in flight: cheaper to drop the backend than to drain it
+            return
+        queries = []
+        if self.txn_status != b"I":
+            queries.append("ROLLBACK")
+        if self.pinned is not None:
+            queries.append(self.config.reset_query)
+        if queries:
+            self.pool.lent.discard(be)
+            be.reset_and_release(queries)
+        else:
+            self.pool.release(be)
+
+    def backend_lost(self, be: BackendConnection, exc) -> None:
+        if self.backend is not be:
+            return
+        self.backend = None
+        self.pending.clear()
+        self.fatal("08006", "pgpilot: lost the server connection while it was in use" +
+                   (f": {exc}" if exc else ""))
+
+    # ================================================================ server -> client
+
+    def server_data(self, data: bytes) -> None:
+        be = self.backend
+        try:
+            items = be.splitter.feed(data)
+        except ProtocolError as e:
+            be.close()
+            self.fatal("08P01", f"pgpilot: invalid message from the server: {e}")
+            return
+        pending = self.pending
+        out: list = []
+        for item in items:
+            if type(item) is not tuple:
+                # DataRows, CopyData, notices, notifications: straight through.
+                if not (pending and pending[0].hidden):
+                    out.append(item)
+                continue
+            t, raw = item
+            if t == P.B_READY:
+                e = pending.popleft() if pending else None
+                self._ready_for_query(raw[5:6])
+                if e is None or not e.hidden:
+                    out.append(raw)
+            elif t == P.B_COMMAND_COMPLETE:
+                e = pending[0] if pending else None
+                if e is None:
+                    out.append(raw)
+                    continue
+                if self._setting_changes and raw[5:13] == b"ROLLBACK":
+                    self._rolled_back = True
+                if e.kind == P.F_QUERY:
+                    if e.hidden:
+                        continue
+                    if e.effects:
+                        self._statement_effects(e, e.done, raw)
+                    if self.query_log is not None:
+                        self._log_statement(e, raw, None, out)
+                    e.done += 1
+                else:
+                    pending.popleft()
+                    if e.effects:
+                        self._statement_effects(e, 0, raw)
+                    if self.query_log is not None:
+                        self._log_statement(e, raw, None, out)
+                out.append(raw)
+            elif t == P.B_ERROR:
+                if raw[6:11] in (b"FATAL", b"PANIC"):
+                    f = P.parse_error_fields(raw)
+                    self._write(b"".join(out))
+                    self.backend = None
+                    self.pending.clear()
+                    be.owner = None
+                    be.close()
+                    self.fatal("08006", f"pgpilot: the server closed the connection: {f.get('M', '')} "
+                                        f"(SQLSTATE {f.get('C', '?')})")
+                    return
+                e = pending[0] if pending else None
+                if e is None:
+                    out.append(raw)
+                    continue
+                if e.kind == P.F_QUERY or e.kind == P.F_FUNCTION_CALL:
+                    if e.hidden:
+                        log.warning("client %s: replaying session settings failed: %s", self.id,
+                                    P.parse_error_fields(raw).get("M"))
+                        continue
+                    if self.query_log is not None:
+                        self._log_statement(e, None, P.error_sqlstate(raw), out)
+                    e.done += 1
+                    out.append(raw)
+                    continue
+                # Extended protocol: the server skips everything up to the next Sync.
+                pending.popleft()
+                if e.kind == P.F_EXECUTE and self.query_log is not None:
+                    self._log_statement(e, None, P.error_sqlstate(raw), out)
+                if e.server_name is not None:
+                    be.prepared.discard(e.server_name)
+                while pending and pending[0].kind != P.F_SYNC:
+                    d = pending.popleft()
+                    if d.server_name is not None:
+                        be.prepared.discard(d.server_name)
+                out.append(raw)
+            elif t == P.B_PARAMETER_STATUS:
+                name, pos = P.read_cstring(raw, 5)
+                value, _ = P.read_cstring(raw, pos)
+                key, val = name.decode(), value.decode()
+                if self.reported.get(key) != val:
+                    self.reported[key] = val
+                    out.append(raw)
+                elif not (pending and pending[0].hidden):
+                    out.append(raw)
+            elif t == P.B_ROW_DESCRIPTION:
+                e = pending[0] if pending else None
+                if e is not None and e.kind == P.F_DESCRIBE:
+                    pending.popleft()
+                if e is None or not e.hidden:
+                    out.append(raw)
+            elif t == P.B_PARAM_DESCRIPTION or t == P.B_COPY_IN or t == P.B_COPY_OUT or t == P.B_COPY_BOTH \
+                    or t == P.B_FUNCTION_RESULT:
+                if not (pending and pending[0].hidden):
+                    out.append(raw)
+            else:
+                # ParseComplete, BindComplete, CloseComplete, NoData, PortalSuspended, EmptyQueryResponse.
+                e = pending[0] if pending else None
+                if e is None:
+                    out.append(raw)
+                    continue
+                if e.kind == P.F_QUERY:         # EmptyQueryResponse inside a simple Query
+                    if not e.hidden:
+                        out.append(raw)
+                    continue
+                pending.popleft()
+                if not e.hidden:
+                    out.append(raw)
+                    if e.kind == P.F_EXECUTE and self.query_log is not None:
+                        self._log_statement(e, None, None, out)
+            # Answers the proxy gives itself go out once everything before them has.
+            while pending and pending[0].synthetic is not None:
+                out.append(pending.popleft().synthetic)
+        if out:
+            self._write(b"".join(out) if len(out) > 1 else out[0])
+        if (self.txn_status == b"I" and not pending and self.pinned is None and self.stash is None
+                and self.backend is be and not self.closed):
+            self.backend = None
+            be.owner = None
+            self.pool.release(be)
+
+    def _ready_for_query(self, status: bytes) -> None:
+        self.txn_status = status
+        if self._setting_changes and status == b"I":
+            changes, self._setting_changes = self._setting_changes, []
+            if not self._rolled_back:
+                for e in changes:
+                    self._commit_setting(e)
+                self._recompute_settings_key()
+                if self.backend is not None:
+                    self.backend.settings_key = self.settings_key if self._backend_settings_known else None
+            self._rolled_back = False
+            self._backend_settings_known = True
+        elif status == b"E" and self._setting_changes:
+            self._rolled_back = True
+
+    _backend_settings_known = True
+
+    def _statement_effects(self, e: Pending, index: int, raw: bytes) -> None:
+        for eff in e.effects:
+            if eff.index != index:
+                continue
+            kind = eff.kind
+            if kind == Effect.SET or kind == Effect.RESET or kind == Effect.RESET_ALL:
+                self._setting_changes.append(eff)
+                if kind != Effect.SET:
+                    # Postgres resets to the backend's own defaults, not this client's startup values.
+                    self._backend_settings_known = False
+            elif kind == Effect.DISCARD_ALL:
+                self._setting_changes.append(eff)
+                self._backend_settings_known = False
+                self.stmts.clear()
+                if self.backend is not None:
+                    self.backend.prepared.clear()
+                    self.backend.unnamed_key = None
+            elif kind == Effect.DEALLOCATE and eff.name is None and self.backend is not None:
+                self.backend.prepared.clear()
+        if self._setting_changes and raw[5:13] == b"ROLLBACK":
+            self._rolled_back = True
+
+    def _commit_setting(self, e: Effect) -> None:
+        if e.kind == Effect.SET:
+            self.session_settings[e.name.lower()] = e.text
+        elif e.kind == Effect.RESET:
+            self.session_settings.pop((e.name or "").lower(), None)
+        else:
+            self.session_settings.clear()
+
+    def _recompute_settings_key(self) -> None:
+        key = tuple(sorted(self.startup_settings.items())) + tuple(self.session_settings.items())
+        self.settings_key = _settings_intern.setdefault(key, key)
+
+    def _settings_sql(self) -> str:
+        parts = ["RESET ALL"]
+        for k, v in sorted(self.startup_settings.items()):
+            parts.append('SET "%s" TO \'%s\'' % (k.replace('"', '""'), v.replace("'", "''")))
+        parts.extend(self.session_settings.values())
+        return ";\n".join(parts)
+
+    # ================================================================ query log
+
+    def _log_statement(self, e: Pending, cc: bytes | None, sqlstate: str | None, out: list) -> None:
+        now = time.perf_counter()
+        start = e.start
+        e.start = now   # the next statement of a multi-statement Query starts here
+        sent = self.bytes_out + sum(map(len, out))
+        nbytes, self._bytes_mark = sent - self._bytes_mark, sent
+        if e.sql is None:
+            return
+        wait_us, self._wait_us = self._wait_us, 0
+        self.query_log.submit(QueryEvent(
+            ts=time.time() - (now - start), duration_us=int((now - start) * 1e6), wait_us=wait_us,
+            sql=e.sql.decode("utf-8", "replace"), rows=P.command_tag_rows(cc) if cc else None,
+            bytes_out=nbytes, sqlstate=sqlstate, database=self.database, username=self.user,
+            application_name=self.application_name, client_addr=self.client_addr,
+            backend_pid=self.backend.pid if self.backend else None, xact_id=self.xact_id,
+            in_transaction=self.txn_status != b"I", protocol="simple" if e.kind == P.F_QUERY else "extended",
+            stmt_index=e.done if e.kind == P.F_QUERY else None))
+
+    # ================================================================ helpers
+
+    def _write(self, data: bytes) -> None:
+        if not self.closed and data:
+            self.bytes_out += len(data)
+            self.transport.write(data)
+
+    def fatal(self, sqlstate: str, msg: str) -> None:
+        """Send a FATAL error and close this client only."""
+        if not self.closed and self.transport is not None:
+            self.stats.count_error(sqlstate)
+            self.transport.write(P.error_response(sqlstate, msg, "FATAL"))
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self.closed = True
+
+    def cancel_running(self) -> None:
+        """A CancelRequest for us: cancel on our backend, or stop waiting for one."""
+        be = self.backend
+        if be is not None and self.pending:
+            self.server.send_cancel(be)
+        elif self.stash is not None and self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
+            self.pool.cancel_wait(self)
+            self._fail_stash("57014", "canceling statement due to user request")
