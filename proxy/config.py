@@ -77,6 +77,7 @@ class LearningConfig(_Section):
     model_dir: str = "./var/models"
     interval: str = "10m"
     collect_plans_min_calls: int = Field(20, ge=1)
+    snapshot_retention_days: int = Field(30, ge=1)   # collectors' pgpilot.* snapshots older than this are deleted
     cv_folds: int = Field(3, ge=2)
     search_budget_seconds: float = Field(60.0, gt=0)
 
