@@ -15,6 +15,10 @@ log = logging.getLogger("pgpilot.collectors")
 # In this order: plans may count calls from the statements snapshot taken just before.
 COLLECTORS = ("statements", "performance", "resources", "plans")
 
+# Raw pg_stat_statements snapshots are the bulk of the store (every entry, every run) and only serve the next
+# delta and audits of it: the deltas carry the history, so raw snapshots are kept at most this long.
+RAW_STATEMENT_RETENTION_DAYS = 7
+
 # Tables pruned by age, with the column that dates their rows.
 RETAINED = {"collector_runs": "ts", "statement_snapshots": "ts", "statement_deltas": "ts",
             "statement_texts": "last_seen", "database_stats": "ts", "checkpointer_stats": "ts",
@@ -84,16 +88,13 @@ def _run_one(store: psycopg.Connection, collector: str, run: Callable, target: T
     summary["notices"].extend(result.notices)
     for table, count in result.rows.items():
         summary["tables"][table] = summary["tables"].get(table, 0) + count
+    finished = store.execute("SELECT clock_timestamp()").fetchone()[0]
     write_rows(store, "collector_runs", ("ts", "collector", "database", "rows_written", "seconds", "notices"),
-               [(time_now(store), collector, target.name, result.total_rows, seconds, result.notices)])
-
-
-def time_now(store: psycopg.Connection):
-    return store.execute("SELECT clock_timestamp()").fetchone()[0]
+               [(finished, collector, target.name, result.total_rows, seconds, result.notices)])
 
 
 def prune(store: psycopg.Connection, retention_days: int) -> None:
-    """Delete snapshot rows older than retention_days."""
+    """Delete snapshot rows older than retention_days (raw statement snapshots sooner, see above)."""
     for table, column in RETAINED.items():
-        store.execute(f"DELETE FROM pgpilot.{table} WHERE {column} < now() - make_interval(days => %s)",
-                      (retention_days,))
+        days = min(retention_days, RAW_STATEMENT_RETENTION_DAYS) if table == "statement_snapshots" else retention_days
+        store.execute(f"DELETE FROM pgpilot.{table} WHERE {column} < now() - make_interval(days => %s)", (days,))

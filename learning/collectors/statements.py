@@ -24,7 +24,7 @@ SNAPSHOT_COLUMNS = ("ts", "database", *KEY, "fingerprint", "mean_exec_time", *CO
 DELTA_COLUMNS = ("ts", "prev_ts", "database", *KEY, "fingerprint", "basis", "mean_exec_time", *COUNTERS)
 
 
-@functools.lru_cache(maxsize=50_000)
+@functools.lru_cache(maxsize=10_000)  # pg_stat_statements.max is 5000 by default
 def fingerprint(query: str) -> str | None:
     """pglast fingerprint of a statement text ($n and literal constants alike are ignored); None if unparsable."""
     try:

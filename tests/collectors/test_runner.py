@@ -25,6 +25,18 @@ def test_snapshots_older_than_the_retention_are_deleted(app_dsn, app):
     assert app.execute("SELECT count(*) FROM pgpilot.database_stats").fetchone() == (1,)
 
 
+def test_raw_statement_snapshots_are_kept_a_week_and_their_deltas_longer(app_dsn, app):
+    run_collectors(app_dsn, only={"statements"})
+    run_collectors(app_dsn, only={"statements"})
+    app.execute("UPDATE pgpilot.statement_snapshots SET ts = ts - interval '8 days'")
+    app.execute("UPDATE pgpilot.statement_deltas SET ts = ts - interval '8 days'")
+    run_collectors(app_dsn, only={"statements"}, retention_days=30)
+
+    old = "SELECT count(*) FROM pgpilot.{} WHERE ts < now() - interval '7 days'"
+    assert app.execute(old.format("statement_snapshots")).fetchone() == (0,)
+    assert app.execute(old.format("statement_deltas")).fetchone()[0] > 0
+
+
 def test_an_unreachable_database_is_a_notice_not_an_error(app_dsn):
     summary = run_collectors(app_dsn, {"elsewhere": f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"},
                              only={"performance"})
