@@ -1,9 +1,11 @@
--- Statistical heap bloat: the share of each table's heap holding no live tuple, estimated from the catalog.
+-- Statistical heap bloat: the share of each table's heap taken by dead tuples and free space, estimated from the
+-- catalog; the same quantity as pgstattuple's dead_tuple_percent + free_percent.
 -- Live rows need reltuples x (tuple header + average row width, each rounded up to MAXALIGN = 8, plus a 4-byte
--- line pointer) and each page a 24-byte header; the rest of relpages x block_size is dead tuples or free space
--- (the same quantity as pgstattuple's dead_tuple_percent + free_percent). Widths come from pg_stats, so the
--- estimate is as fresh as the table's last ANALYZE; a table with a column lacking statistics gets no estimate.
--- Alignment padding between columns is ignored. Reads only the catalog, so it is cheap on any database size.
+-- line pointer) and each page a 24-byte header; the rest of relpages x block_size is dead tuples or free space,
+-- less the line pointers and alignment padding of the n_dead_tup dead tuples, which pgstattuple counts as
+-- neither. Widths come from pg_stats, so the estimate is as fresh as the table's last ANALYZE; a table with a
+-- column lacking statistics gets no estimate. Padding between columns is ignored. Reads only the catalog and
+-- the statistics views, so it is cheap on any database size.
 WITH widths AS (
     SELECT a.attrelid AS relid,
            count(*) AS columns,
@@ -20,15 +22,27 @@ WITH widths AS (
       AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
     GROUP BY a.attrelid
 ),
+tuples AS (
+    SELECT relid, columns_with_stats = columns AS complete,
+           23 + CASE WHEN has_nulls THEN ceil(columns / 8.0) ELSE 0 END + data_width AS raw_bytes,
+           ceil((23 + CASE WHEN has_nulls THEN ceil(columns / 8.0) ELSE 0 END) / 8.0) * 8
+               + ceil(data_width / 8.0) * 8 + 4 AS stored_bytes   -- aligned, with its line pointer
+    FROM widths
+),
 sizes AS (
-    SELECT c.oid AS relid, c.relpages::float8 AS pages, c.reltuples::float8 AS tuples,
-           current_setting('block_size')::float8 AS block_size,
-           ceil((23 + CASE WHEN w.has_nulls THEN ceil(w.columns / 8.0) ELSE 0 END) / 8.0) * 8
-               + ceil(w.data_width / 8.0) * 8 + 4 AS tuple_bytes
-    FROM widths w JOIN pg_class c ON c.oid = w.relid
-    WHERE w.columns_with_stats = w.columns AND c.relpages > 0 AND c.reltuples >= 0
+    SELECT c.oid AS relid, c.relpages::float8 AS pages, c.reltuples::float8 AS live,
+           coalesce(st.n_dead_tup, 0)::float8 AS dead,
+           current_setting('block_size')::float8 AS block_size, t.raw_bytes, t.stored_bytes
+    FROM tuples t
+    JOIN pg_class c ON c.oid = t.relid
+    LEFT JOIN pg_stat_all_tables st ON st.relid = t.relid
+    WHERE t.complete AND c.relpages > 0 AND c.reltuples >= 0
+),
+bloat AS (
+    SELECT relid, pages * block_size AS heap_bytes,
+           greatest(0, pages * block_size - pages * 24 - live * stored_bytes
+                       - dead * (stored_bytes - raw_bytes)) AS bloat_bytes
+    FROM sizes
 )
-SELECT relid,
-       greatest(0, 100 * (1 - (tuples * tuple_bytes + pages * 24) / (pages * block_size)))::float8 AS bloat_percent,
-       greatest(0, pages * block_size - tuples * tuple_bytes - pages * 24)::bigint AS bloat_bytes
-FROM sizes
+SELECT relid, (100 * bloat_bytes / heap_bytes)::float8 AS bloat_percent, bloat_bytes::bigint AS bloat_bytes
+FROM bloat
