@@ -54,6 +54,12 @@ class QueryLogConfig(_Section):
     parameters: bool = False        # store literal values / bound parameters (separate column)
     spool_dir: str = "/tmp/pgpilot-spool"
     spool_max_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    write_timeout: float = Field(5.0, gt=0)          # a store connect or write slower than this goes to the spool
+    reconnect_max_backoff: float = Field(10.0, gt=0)  # seconds between reconnect attempts, at most
+    stop_timeout: float = Field(5.0, gt=0)           # shutdown: time to write what is queued, then spool
+    templates_refresh_interval: float = Field(60.0, gt=0)  # seconds between templates.last_seen updates
+    analysis_cache_size: int = Field(10_000, ge=1)   # statement analyses kept (LRU)
+    stats_max_templates: int = Field(5_000, ge=1)    # templates tracked in memory for SHOW QUERIES
 
 
 class CacheConfig(_Section):

@@ -1,10 +1,56 @@
 """Query events: what the proxy records for every statement, and the writer that ships them to the log store.
 
-The session builds a QueryEvent with raw facts only (SQL text, timings, counts) and hands it to
-QueryLog.submit(), which never blocks and never raises. Everything costly (fingerprint, normalization,
-statement kind, tables) happens in the background writer, cached per text.
+Contract with the session
+-------------------------
+* For every statement the session builds a `QueryEvent` with raw facts only (SQL text, timings, counts) and
+  calls `QueryLog.submit(event)` from the event loop's thread. `submit` is O(1): it appends to a bounded
+  queue and never blocks, awaits or raises. Everything costly (fingerprint, normalization, statement kind,
+  tables; see proxy/analysis.py) happens later in the background writer, cached per text.
+* A simple-protocol Query message may carry several statements. The session sends one event per
+  CommandComplete/ErrorResponse with `sql` = the whole text and `stmt_index` = which statement of the text
+  (0-based) completed; the writer logs that statement only, with the event's timings and counts as they are.
+* An event whose text holds several statements but has `stmt_index=None` is split into one row per statement:
+  `duration_us` and `bytes_out` are shared out evenly (their sums are kept), `wait_us` goes to the first
+  statement, `rows` and `sqlstate` to the last one (an error ends a simple Query). This is approximate;
+  sessions that know the boundaries send `stmt_index`.
+* `parameters`: bound parameter values (text) of an extended-protocol Execute. They are stored only with
+  `query_log.parameters` on; with it on, simple-protocol events get their literal values extracted instead.
+  With it off no literal ever reaches the store: statements are stored as fingerprint + normalized text.
+
+The writer
+----------
+A background task takes the queue in batches (`batch_size`, or whatever is there every `flush_interval`),
+analyses them, feeds the in-memory `QueryStats` (for SHOW QUERIES), and hands the rows to a second task that
+owns one asyncpg connection to the store: it upserts new templates and COPYs the rows into
+pgpilot.query_events in one transaction, keeps tomorrow's partition created and drops partitions older than
+`retention_days`. When the store is slow or away, batches spill to a bounded spool on local disk and are
+replayed (at least once) after reconnecting with backoff. When the queue or the spool is full, events are
+dropped, counted exactly in `dropped`, and reported by a rate-limited log line.
+
+Counters (plain ints, also in `stats()`): `submitted` counts events; `written`, `spooled`, `replayed` and
+`dropped` count log rows (one per event, except split multi-statement events). `written` includes
+`replayed`. After a flush, submitted == written + dropped + (spooled - replayed) for single-statement events;
+`replayed` may include rows spooled by an earlier process with the same proxy id.
 """
 from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import heapq
+import ipaddress
+import json
+import logging
+import random
+import re
+import time
+from collections import deque
+from pathlib import Path
+from urllib.parse import urlparse
+
+from proxy import logstore
+from proxy.analysis import Analyzer, StatementInfo, extract_literals
+
+log = logging.getLogger("pgpilot.querylog")
 
 
 class QueryEvent:
@@ -12,7 +58,7 @@ class QueryEvent:
         "ts", "duration_us", "wait_us", "sql", "rows", "bytes_out", "sqlstate",
         "database", "username", "application_name", "client_addr", "backend_pid",
         "xact_id", "in_transaction", "protocol", "cache_outcome", "rewrite", "anomaly_score",
-        "parameters",
+        "parameters", "stmt_index",
     )
 
     def __init__(self, ts: float, duration_us: int, wait_us: int, sql: str, rows: int | None,
@@ -20,7 +66,7 @@ class QueryEvent:
                  application_name: str, client_addr: str | None, backend_pid: int | None,
                  xact_id: int, in_transaction: bool, protocol: str, cache_outcome: str | None = None,
                  rewrite: str | None = None, anomaly_score: float | None = None,
-                 parameters: list | None = None):
+                 parameters: list | None = None, stmt_index: int | None = None):
         self.ts = ts                      # time.time() at statement start
         self.duration_us = duration_us
         self.wait_us = wait_us
@@ -40,3 +86,891 @@ class QueryEvent:
         self.rewrite = rewrite
         self.anomaly_score = anomaly_score
         self.parameters = parameters      # bound parameter values (text) when query_log.parameters is on
+        self.stmt_index = stmt_index      # which statement of a multi-statement text this event is about
+
+
+COLUMNS = ("ts", "duration_us", "wait_us", "fingerprint", "kind", "tables_read", "tables_written", "rows",
+           "bytes_out", "sqlstate", "database", "username", "application_name", "client_addr", "backend_pid",
+           "xact_id", "in_transaction", "protocol", "cache_outcome", "rewrite", "anomaly_score", "proxy_id",
+           "parameters")
+_FP = COLUMNS.index("fingerprint")
+
+_UPSERT_TEMPLATE = """
+INSERT INTO pgpilot.templates AS t
+    (fingerprint, normalized_sql, kind, tables_read, tables_written, first_seen, last_seen, sample_sql)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (fingerprint) DO UPDATE SET
+    first_seen = least(t.first_seen, excluded.first_seen),
+    last_seen = greatest(t.last_seen, excluded.last_seen),
+    sample_sql = coalesce(t.sample_sql, excluded.sample_sql)
+"""
+_REFRESH_LAST_SEEN = """
+UPDATE pgpilot.templates AS t SET last_seen = v.ts
+FROM unnest($1::text[], $2::timestamptz[]) AS v(fp, ts)
+WHERE t.fingerprint = v.fp AND t.last_seen < v.ts
+"""
+_PARTITIONS = """
+SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'pgpilot.query_events'::regclass
+"""
+_PARTITION_NAME = re.compile(r"^query_events_(\d{8})$")
+
+_DAY = 86400
+_EPOCH = dt.date(1970, 1, 1)
+_UTC = dt.timezone.utc
+_ANALYSE_CHUNK = 256          # events analysed between two yields to the event loop
+_SPOOL_LINE_ROWS = 200        # rows per spool line (one JSON document)
+_COPY_ROWS = 1000             # rows per COPY statement (a batch may take several, in one transaction)
+_OUTBOX_BATCHES = 4           # analysed batches that may wait for the store before spilling to the spool
+_MAINTENANCE_EVERY = 600.0    # seconds between partition checks (also done on every connect)
+_DROP_LOG_EVERY = 10.0        # seconds between two "dropped" log lines
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57", "58")
+
+
+def _day_of(ts: float) -> int:
+    return int(ts // _DAY)
+
+
+def _date_of_day(day: int) -> dt.date:
+    return _EPOCH + dt.timedelta(days=day)
+
+
+def _today() -> int:
+    return _day_of(time.time())
+
+
+def _redacted(dsn: str) -> str:
+    try:
+        u = urlparse(dsn)
+        return f"{u.hostname}:{u.port or 5432}{u.path or ''}"
+    except ValueError:
+        return "(unparseable dsn)"
+
+
+class _Batch:
+    """Analysed rows ready for the store, with the templates among them that the store may not know yet."""
+
+    __slots__ = ("rows", "templates", "events", "replay")
+
+    def __init__(self, rows: list[tuple], templates: dict[str, list], events: int, replay: bool = False):
+        self.rows = rows
+        # fingerprint -> [normalized_sql, kind, tables_read, tables_written, sample_sql, first_seen, last_seen]
+        self.templates = templates
+        self.events = events            # submitted events this batch settles
+        self.replay = replay
+
+
+class _TransientStoreError(Exception):
+    """The store cannot take a batch now (down, slow, shutting down): keep the batch for later."""
+
+
+class Spool:
+    """A bounded local spill of analysed rows: JSON-lines segment files, replayed oldest first.
+
+    Each line is one JSON document {"templates": {...}, "rows": [[...], ...]} with ts as epoch seconds.
+    A segment is deleted once its rows are committed to the store (a crash in between replays it again).
+    """
+
+    def __init__(self, directory: str, proxy_id: str, max_bytes: int):
+        self.directory = Path(directory)
+        self.prefix = "querylog-" + re.sub(r"[^A-Za-z0-9_.-]", "_", proxy_id) + "-"
+        self.max_bytes = max_bytes
+        self.segment_bytes = max(16 * 1024, min(2 * 1024 * 1024, max_bytes // 4))
+        self.bytes = 0
+        self._closed: deque[tuple[Path, int]] = deque()   # (path, size) of segments ready for replay
+        self._active = None
+        self._active_path: Path | None = None
+        self._active_bytes = 0
+        self._seq = 0
+        self.usable = False
+
+    def open(self) -> None:
+        try:
+            if self.max_bytes > 0:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                found = sorted(self.directory.glob(self.prefix + "*.jsonl"))
+                for path in found:
+                    size = path.stat().st_size
+                    self._closed.append((path, size))
+                    self.bytes += size
+                    self._seq = max(self._seq, int(path.stem.rsplit("-", 1)[1]) + 1)
+                if found:
+                    log.info("query log spool: %d segment(s), %d bytes left by an earlier run to replay",
+                             len(found), self.bytes)
+                self.usable = True
+        except (OSError, ValueError) as e:
+            log.error("query log spool %s unusable (%s): events will be dropped while the store is away",
+                      self.directory, e)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._closed) or self._active_bytes > 0
+
+    def append(self, batch: _Batch) -> int:
+        """Write as many rows of the batch as fit; returns how many were written."""
+        if not self.usable:
+            return 0
+        written = 0
+        rows = batch.rows
+        for start in range(0, len(rows), _SPOOL_LINE_ROWS):
+            chunk = rows[start:start + _SPOOL_LINE_ROWS]
+            fps = {r[_FP] for r in chunk}
+            templates = {fp: t for fp, t in batch.templates.items() if fp in fps}
+            head = '{"templates":' + json.dumps(templates) + ',"rows":['
+            room = self.max_bytes - self.bytes - len(head) - 3
+            encoded = []
+            for row in chunk:
+                text = json.dumps(row)
+                room -= len(text) + 1
+                if room < 0:
+                    break
+                encoded.append(text)
+            if not encoded:
+                break
+            line = (head + ",".join(encoded) + "]}\n").encode("utf-8", "surrogatepass")
+            try:
+                self._write(line)
+            except OSError as e:
+                log.error("query log spool write failed: %s", e)
+                break
+            written += len(encoded)
+            if len(encoded) < len(chunk):
+                break
+        return written
+
+    def _write(self, line: bytes) -> None:
+        if self._active is None:
+            self._active_path = self.directory / f"{self.prefix}{self._seq:08d}.jsonl"
+            self._seq += 1
+            self._active = open(self._active_path, "ab")
+            self._active_bytes = 0
+        self._active.write(line)
+        self._active.flush()
+        self._active_bytes += len(line)
+        self.bytes += len(line)
+        if self._active_bytes >= self.segment_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._closed.append((self._active_path, self._active_bytes))
+            self._active = None
+            self._active_bytes = 0
+
+    def oldest(self) -> tuple[Path, int] | None:
+        """The oldest segment to replay (closing the active one if it is the only one left)."""
+        if not self._closed and self._active_bytes:
+            self._rotate()
+        return self._closed[0] if self._closed else None
+
+    def read(self, path: Path) -> list[_Batch]:
+        batches = []
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            log.error("query log spool segment %s unreadable (%s): skipped", path, e)
+            return batches
+        for line in data.splitlines():
+            try:
+                doc = json.loads(line)
+                rows = [tuple(r) for r in doc["rows"]]
+                batches.append(_Batch(rows, doc.get("templates", {}), 0, replay=True))
+            except (ValueError, KeyError, TypeError):
+                log.warning("query log spool segment %s: a damaged line skipped", path.name)
+        return batches
+
+    def remove_oldest(self) -> None:
+        path, size = self._closed.popleft()
+        self.bytes -= size
+        try:
+            path.unlink()
+        except OSError as e:
+            log.warning("query log spool: cannot remove %s: %s", path, e)
+
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+
+class QueryLog:
+    """Takes QueryEvents from the sessions and writes them to the log store in the background."""
+
+    def __init__(self, cfg, store_dsn: str, proxy_id: str, *, analyzer: Analyzer | None = None,
+                 stats: "QueryStats | None" = None):
+        self.cfg = cfg
+        self.store_dsn = store_dsn
+        self.proxy_id = proxy_id
+        self.analyzer = analyzer if analyzer is not None else Analyzer(cfg.analysis_cache_size)
+        self.query_stats = stats if stats is not None else QueryStats(cfg.stats_max_templates)
+        self.submitted = 0
+        self.written = 0
+        self.spooled = 0
+        self.replayed = 0
+        self.dropped = 0
+        self._queue: deque[QueryEvent] = deque()
+        self._queue_size = cfg.queue_size
+        self._batch_size = cfg.batch_size
+        self._wakeup: asyncio.Future | None = None
+        self._settled = 0             # submitted events now written, spooled or dropped
+        self._spool = Spool(cfg.spool_dir, proxy_id, cfg.spool_max_bytes)
+        self._outbox: deque[_Batch] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._inflight: _Batch | None = None
+        self._conn = None
+        self._conn_lock = asyncio.Lock()
+        self._known: set[str] = set()           # fingerprints the store has a templates row for
+        self._last_seen: dict[str, float] = {}  # fingerprint -> latest ts written, for the periodic refresh
+        self._partitions: set[int] = set()      # days (since the epoch, UTC) with a partition
+        self._next_maintenance = 0.0
+        self._next_refresh = 0.0
+        self._addr_cache: dict[str, str | None] = {}
+        self._closing = False         # stop(): the analyser drains the queue and ends
+        self._store_closing = False   # stop(), once the analyser is done: the store task drains the outbox and ends
+        self._tasks: list[asyncio.Task] = []
+        self._drop_log_at = 0.0
+        self._drops_unlogged = 0
+        self._store_down = False
+
+    # ---------------------------------------------------------------- the session's side
+
+    def submit(self, event: QueryEvent) -> None:
+        """Queue one event; O(1), never blocks, never raises."""
+        try:
+            self.submitted += 1
+            q = self._queue
+            if len(q) >= self._queue_size:
+                self._settled += 1
+                self._note_dropped(1, "queue full")
+                return
+            q.append(event)
+            if len(q) >= self._batch_size:
+                w = self._wakeup
+                if w is not None and not w.done():
+                    w.set_result(None)
+        except Exception:  # a log problem must never reach a client
+            pass
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "submitted": self.submitted, "written": self.written, "spooled": self.spooled,
+            "replayed": self.replayed, "dropped": self.dropped, "queued": len(self._queue),
+            "spool_bytes": self._spool.bytes, "store_connected": int(self._conn is not None),
+            "templates_known": len(self._known), "analysis_cache_entries": len(self.analyzer),
+            "analysis_cache_hits": self.analyzer.hits, "analysis_cache_misses": self.analyzer.misses,
+        }
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._spool.open()
+        self._tasks = [asyncio.get_running_loop().create_task(self._analyse_loop(), name="querylog-analyse"),
+                       asyncio.get_running_loop().create_task(self._store_loop(), name="querylog-store")]
+        log.info("query log: writing to %s as proxy %s", _redacted(self.store_dsn), self.proxy_id)
+
+    async def stop(self) -> None:
+        """Write what is queued (or spool it) within cfg.stop_timeout, then close."""
+        if not self._tasks:
+            return
+        self._closing = True
+        self._wake()
+        self._outbox_ready.set()
+        analyse, store = self._tasks
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.stop_timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(analyse), self.cfg.stop_timeout)
+            self._store_closing = True
+            self._outbox_ready.set()
+            await asyncio.wait_for(asyncio.shield(store), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            log.warning("query log: stop_timeout reached; what is left goes to the spool")
+        except Exception as e:
+            log.error("query log writer failed while stopping: %r", e)
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        # Whatever did not make it: analysed batches go to the spool, unanalysed events are counted as dropped.
+        if self._inflight is not None:
+            self._outbox.appendleft(self._inflight)
+            self._inflight = None
+        while self._outbox:
+            self._spool_batch(self._outbox.popleft())
+        if self._queue:
+            n = len(self._queue)
+            self._queue.clear()
+            self._settled += n
+            self._note_dropped(n, "not written before shutdown")
+        await self._close_conn()
+        self._spool.close()
+        log.info("query log stopped: %s", self.stats())
+
+    async def flush(self, timeout: float = 30.0, include_spool: bool = False) -> bool:
+        """Wait until every event submitted so far is written, spooled or dropped (and, with include_spool,
+        until the spool is replayed). Returns False on timeout."""
+        target = self.submitted
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self._wake()
+        while (self._settled < target or self._outbox or self._inflight is not None
+               or (include_spool and self._spool.pending)):
+            if loop.time() > deadline:
+                return False
+            self._wake()
+            self._outbox_ready.set()
+            await asyncio.sleep(0.01)
+        return True
+
+    # ---------------------------------------------------------------- analysis (background)
+
+    def _wake(self) -> None:
+        w = self._wakeup
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _analyse_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                fut = loop.create_future()
+                self._wakeup = fut
+                timer = loop.call_later(self.cfg.flush_interval, lambda: fut.done() or fut.set_result(None))
+                try:
+                    await fut
+                finally:
+                    timer.cancel()
+                    self._wakeup = None
+            while self._queue:
+                n = min(len(self._queue), self._batch_size)
+                events = [self._queue.popleft() for _ in range(n)]
+                try:
+                    batch = await self._analyse(events)
+                except Exception:  # never lose the writer to a bug: count and carry on
+                    log.exception("query log: analysing a batch failed; %d events dropped", n)
+                    self._settled += n
+                    self._note_dropped(n, "analysis failed")
+                    continue
+                self._hand_over(batch)
+
+    async def _analyse(self, events: list[QueryEvent]) -> _Batch:
+        rows: list[tuple] = []
+        templates: dict[str, list] = {}
+        known = self._known
+        observe = self.query_stats.observe
+        analyze = self.analyzer.analyze
+        with_params = self.cfg.parameters
+        settled = len(events)
+        for i, ev in enumerate(events):
+            if i and i % _ANALYSE_CHUNK == 0:
+                await asyncio.sleep(0)
+            try:
+                info = analyze(ev.sql)
+                stmts = info.statements
+                params = self._parameters(ev, info) if with_params else None
+                idx = ev.stmt_index
+                if len(stmts) == 1 or idx is not None:
+                    if idx is not None and 0 <= idx < len(stmts):
+                        s, params = stmts[idx], self._statement_params(params, stmts, idx, ev)
+                    else:
+                        s = info if len(stmts) > 1 else stmts[0]
+                    row = self._row(ev, s, ev.ts, int(ev.duration_us), int(ev.wait_us), ev.rows,
+                                    int(ev.bytes_out), ev.sqlstate, params)
+                    rows.append(row)
+                    observe(s.fingerprint, s.normalized, s.kind, row[1], row[7], row[9] is not None)
+                    if s.fingerprint not in known:
+                        self._note_template(templates, s, ev, idx if len(stmts) > 1 else None, row[0])
+                else:
+                    self._split(ev, stmts, params, rows, templates, observe)
+            except Exception:
+                self._settled += 1
+                settled -= 1
+                self._note_dropped(1, "malformed event")
+                log.debug("query log: malformed event dropped", exc_info=True)
+        return _Batch(rows, templates, settled)
+
+    def _split(self, ev: QueryEvent, stmts: tuple[StatementInfo, ...], params, rows, templates, observe) -> None:
+        k = len(stmts)
+        duration, nbytes = int(ev.duration_us), int(ev.bytes_out)
+        for i, s in enumerate(stmts):
+            last = i == k - 1
+            share = duration // k + (duration % k if last else 0)
+            bshare = nbytes // k + (nbytes % k if last else 0)
+            row = self._row(ev, s, ev.ts, share, int(ev.wait_us) if i == 0 else 0, ev.rows if last else None,
+                            bshare, ev.sqlstate if last else None, self._statement_params(params, stmts, i, ev))
+            rows.append(row)
+            observe(s.fingerprint, s.normalized, s.kind, share, row[7], row[9] is not None)
+            if s.fingerprint not in self._known:
+                self._note_template(templates, s, ev, i, row[0])
+
+    def _row(self, ev: QueryEvent, s: StatementInfo, ts, duration, wait, rows, nbytes, sqlstate, params) -> tuple:
+        addr = ev.client_addr
+        if addr is not None:
+            cache = self._addr_cache
+            addr = cache[addr] if addr in cache else self._check_addr(addr)
+        return (float(ts), duration, wait, s.fingerprint, s.kind, s.tables_read, s.tables_written,
+                None if rows is None else int(rows), nbytes, sqlstate, ev.database, ev.username,
+                ev.application_name, addr, ev.backend_pid, ev.xact_id, ev.in_transaction, ev.protocol,
+                ev.cache_outcome, ev.rewrite, None if ev.anomaly_score is None else float(ev.anomaly_score),
+                self.proxy_id, params)
+
+    def _check_addr(self, addr: str) -> str | None:
+        try:
+            ipaddress.ip_address(addr)
+            valid = addr
+        except ValueError:
+            try:
+                ipaddress.ip_interface(addr)
+                valid = addr
+            except ValueError:
+                valid = None    # a unix socket path, or something the inet column would refuse
+        if len(self._addr_cache) > 10_000:
+            self._addr_cache.clear()
+        self._addr_cache[addr] = valid
+        return valid
+
+    def _parameters(self, ev: QueryEvent, info: StatementInfo) -> list[str | None] | None:
+        if ev.parameters is not None:
+            return [None if p is None else _clean_text(p) for p in ev.parameters]
+        if ev.protocol == "simple" and info.literal_count:
+            return [_clean_text(v) for v in extract_literals(ev.sql)]
+        return None
+
+    @staticmethod
+    def _statement_params(params, stmts: tuple[StatementInfo, ...], idx: int, ev: QueryEvent):
+        """A multi-statement text's extracted literals belong to its statements in order."""
+        if params is None or len(stmts) == 1 or ev.parameters is not None:
+            return params
+        start = sum(s.literal_count for s in stmts[:idx])
+        return params[start:start + stmts[idx].literal_count] or None
+
+    def _note_template(self, templates: dict, s: StatementInfo, ev: QueryEvent, idx, ts: float) -> None:
+        t = templates.get(s.fingerprint)
+        if t is not None:
+            t[5] = min(t[5], ts)
+            t[6] = max(t[6], ts)
+            return
+        sample = None
+        if self.cfg.parameters:
+            sample = ev.sql if idx is None else _statement_text(ev.sql, idx)
+        templates[s.fingerprint] = [s.normalized, s.kind, list(s.tables_read), list(s.tables_written), sample,
+                                    ts, ts]
+
+    def _hand_over(self, batch: _Batch) -> None:
+        if not batch.rows:
+            self._settled += batch.events
+            return
+        # While the store is known to be away, or too slow to keep up, batches go straight to the spool.
+        if not self._store_down and len(self._outbox) < _OUTBOX_BATCHES:
+            self._outbox.append(batch)
+            self._outbox_ready.set()
+        else:
+            self._spool_batch(batch)
+
+    def _spool_batch(self, batch: _Batch) -> None:
+        n = len(batch.rows)
+        kept = self._spool.append(batch) if n else 0
+        self.spooled += kept
+        if kept < n:
+            self._note_dropped(n - kept, "spool full" if self._spool.usable else "no spool")
+        self._settled += batch.events
+
+    def _note_dropped(self, n: int, reason: str) -> None:
+        self.dropped += n
+        self._drops_unlogged += n
+        now = time.monotonic()
+        if now >= self._drop_log_at:
+            log.warning("query log: %d event(s) dropped (%s); %d dropped in total",
+                        self._drops_unlogged, reason, self.dropped)
+            self._drops_unlogged = 0
+            self._drop_log_at = now + _DROP_LOG_EVERY
+
+    # ---------------------------------------------------------------- the store (background)
+
+    async def _store_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = 0.1
+        while True:
+            if self._conn is None:
+                if self._store_closing:
+                    return
+                try:
+                    await asyncio.wait_for(self._connect(), self.cfg.write_timeout)
+                    backoff = 0.1
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    await self._close_conn()
+                    self._store_unavailable(e)
+                    await self._pause(backoff)
+                    backoff = min(backoff * 2, self.cfg.reconnect_max_backoff)
+                    continue
+            try:
+                if self._outbox:
+                    batch = self._inflight = self._outbox.popleft()
+                    await self._ship(batch)
+                    self._inflight = None
+                    self.written += len(batch.rows)
+                    self._settled += batch.events
+                elif self._store_closing:
+                    await self._refresh_last_seen()
+                    return
+                elif self._spool.pending:
+                    await self._replay_oldest()
+                elif loop.time() >= self._next_maintenance:
+                    await self.run_maintenance()
+                elif loop.time() >= self._next_refresh:
+                    await self._refresh_last_seen()
+                else:
+                    self._outbox_ready.clear()
+                    wait = min(self._next_maintenance, self._next_refresh) - loop.time()
+                    try:
+                        await asyncio.wait_for(self._outbox_ready.wait(), max(0.01, wait))
+                    except asyncio.TimeoutError:
+                        pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if not _is_transient(e):
+                    log.exception("query log: store housekeeping failed")
+                    self._next_maintenance = loop.time() + _MAINTENANCE_EVERY
+                    self._next_refresh = loop.time() + self.cfg.templates_refresh_interval
+                    continue
+                # The connection is gone or unusable: everything waiting for it goes to the spool.
+                await self._close_conn()
+                self._store_unavailable(e)
+                if self._inflight is not None:
+                    self._spool_batch(self._inflight)
+                    self._inflight = None
+                while self._outbox:
+                    self._spool_batch(self._outbox.popleft())
+
+    async def _pause(self, seconds: float) -> None:
+        self._outbox_ready.clear()
+        try:
+            await asyncio.wait_for(self._outbox_ready.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        # Batches that arrived while the store is away go to the spool without waiting for it.
+        while self._outbox:
+            self._spool_batch(self._outbox.popleft())
+
+    def _store_unavailable(self, e: Exception) -> None:
+        if not self._store_down:
+            log.warning("query log store %s unavailable (%s: %s); spooling to %s",
+                        _redacted(self.store_dsn), type(e).__name__, e, self._spool.directory)
+            self._store_down = True
+
+    async def _connect(self) -> None:
+        import asyncpg  # the proxy imports this module even with the query log off
+        conn = await asyncpg.connect(
+            self.store_dsn, timeout=self.cfg.write_timeout,
+            server_settings={"application_name": "pgpilot-querylog", "timezone": "UTC",
+                             "synchronous_commit": "off"})
+        try:
+            try:
+                await logstore.ensure_schema(conn)
+            except Exception as e:
+                if not _is_transient(e):
+                    # Another proxy creating the same objects at the same moment: once more is enough.
+                    await logstore.ensure_schema(conn)
+                else:
+                    raise
+            self._partitions = await self._load_partitions(conn)
+        except BaseException:
+            await conn.close(timeout=1)
+            raise
+        self._conn = conn
+        self._next_maintenance = 0.0
+        self._next_refresh = asyncio.get_running_loop().time() + self.cfg.templates_refresh_interval
+        if self._store_down:
+            log.info("query log store %s is back", _redacted(self.store_dsn))
+            self._store_down = False
+
+    async def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), 1)
+            except BaseException:
+                conn.terminate()
+
+    async def _ship(self, batch: _Batch) -> None:
+        """Write one batch; raises on a transient failure, drops (counted) a batch the store refuses."""
+        try:
+            await asyncio.wait_for(self._write(batch), self.cfg.write_timeout)
+            return
+        except asyncio.TimeoutError:
+            raise _TransientStoreError("write timed out") from None
+        except Exception as e:
+            if _is_transient(e):
+                raise
+            first_error = e
+        # A refusal: schema or partitions missing (dropped behind our back) or odd data. Set up, try once more.
+        try:
+            async with self._conn_lock:
+                await logstore.ensure_schema(self._conn)
+                self._partitions = await self._load_partitions(self._conn)
+            await asyncio.wait_for(self._write(batch), self.cfg.write_timeout)
+        except asyncio.TimeoutError:
+            raise _TransientStoreError("write timed out") from None
+        except Exception as e:
+            if _is_transient(e):
+                raise
+            log.error("query log store refused a batch of %d rows (%s; first %s): dropped",
+                      len(batch.rows), e, first_error)
+            self._note_dropped(len(batch.rows), "refused by the store")
+            batch.rows = []
+
+    async def _write(self, batch: _Batch) -> None:
+        conn = self._conn
+        if conn is None:
+            raise _TransientStoreError("not connected")
+        rows = batch.rows
+        days = {_day_of(r[0]) for r in rows}
+        missing = days - self._partitions
+        if missing:
+            expired = await self._create_partitions(missing)
+            if expired:
+                kept = [r for r in rows if _day_of(r[0]) not in expired]
+                self._note_dropped(len(rows) - len(kept), "older than retention_days")
+                batch.rows = rows = kept
+        new = sorted((fp, t) for fp, t in batch.templates.items() if fp not in self._known)
+        async with self._conn_lock:
+            async with conn.transaction():
+                if new:
+                    await conn.executemany(_UPSERT_TEMPLATE, [
+                        (fp, t[0], t[1], t[2], t[3], dt.datetime.fromtimestamp(t[5], _UTC),
+                         dt.datetime.fromtimestamp(t[6], _UTC), t[4]) for fp, t in new])
+                # Several COPYs of a bounded size, so encoding never holds the event loop for long.
+                for start in range(0, len(rows), _COPY_ROWS):
+                    records = [(dt.datetime.fromtimestamp(r[0], _UTC),) + r[1:]
+                               for r in rows[start:start + _COPY_ROWS]]
+                    await conn.copy_records_to_table("query_events", schema_name="pgpilot", columns=COLUMNS,
+                                                     records=records)
+        self._known.update(fp for fp, _ in new)
+        if len(self._known) > 200_000:
+            self._known = {fp for fp, _ in new}
+        seen = self._last_seen
+        for r in rows:
+            fp = r[_FP]
+            if r[0] > seen.get(fp, 0.0):
+                seen[fp] = r[0]
+
+    async def _replay_oldest(self) -> None:
+        oldest = self._spool.oldest()
+        if oldest is None:
+            return
+        path, _ = oldest
+        batches = self._spool.read(path)
+        rows = [r for b in batches for r in b.rows]
+        templates: dict[str, list] = {}
+        for b in batches:
+            templates.update(b.templates)
+        if rows:
+            batch = _Batch(rows, templates, 0, replay=True)
+            await self._ship(batch)
+            self.written += len(batch.rows)
+            self.replayed += len(batch.rows)
+        self._spool.remove_oldest()
+        if not self._spool.pending:
+            log.info("query log spool replayed (%d rows in total so far)", self.replayed)
+
+    async def _load_partitions(self, conn) -> set[int]:
+        days = set()
+        for rec in await conn.fetch(_PARTITIONS):
+            m = _PARTITION_NAME.match(rec["relname"])
+            if m:
+                day = dt.datetime.strptime(m.group(1), "%Y%m%d").date()
+                days.add((day - _EPOCH).days)
+        return days
+
+    async def _create_partitions(self, days: set[int]) -> set[int]:
+        """Create partitions for these days; returns the days too old to keep (their rows are dropped)."""
+        cutoff = _today() - self.cfg.retention_days
+        expired = {d for d in days if d < cutoff}
+        async with self._conn_lock:
+            for day in sorted(days - expired):
+                try:
+                    await self._conn.execute(logstore.partition_ddl(_date_of_day(day)))
+                except Exception as e:
+                    if _is_transient(e):
+                        raise
+                    # Created by another proxy at the same moment: check below.
+                self._partitions.add(day)
+        return expired
+
+    async def run_maintenance(self) -> list[str]:
+        """Create today's and tomorrow's partitions, drop those older than retention_days; returns the
+        names of the dropped partitions. Runs on every connect and every few minutes."""
+        loop = asyncio.get_running_loop()
+        self._next_maintenance = loop.time() + _MAINTENANCE_EVERY
+        conn = self._conn
+        if conn is None:
+            return []
+        today = _today()
+        await self._create_partitions({today, today + 1} - self._partitions)
+        cutoff = today - self.cfg.retention_days
+        dropped = []
+        async with self._conn_lock:
+            self._partitions = await self._load_partitions(conn)
+            for day in sorted(d for d in self._partitions if d < cutoff):
+                name = logstore.partition_name(_date_of_day(day))
+                try:
+                    async with conn.transaction():
+                        # Readers (the learner) may hold the table: wait a little, try again next time.
+                        await conn.execute("SET LOCAL lock_timeout = '2s'")
+                        await conn.execute(f"DROP TABLE IF EXISTS pgpilot.{name}")
+                except Exception as e:
+                    if _is_transient(e) and not _is_lock_timeout(e):
+                        raise
+                    log.warning("query log: could not drop expired partition %s yet: %s", name, e)
+                    continue
+                self._partitions.discard(day)
+                dropped.append(name)
+        if dropped:
+            log.info("query log: dropped expired partitions %s", ", ".join(dropped))
+        return dropped
+
+    async def _refresh_last_seen(self) -> None:
+        self._next_refresh = asyncio.get_running_loop().time() + self.cfg.templates_refresh_interval
+        if not self._last_seen or self._conn is None:
+            return
+        seen, self._last_seen = self._last_seen, {}
+        fps = sorted(seen)
+        try:
+            async with self._conn_lock:
+                await asyncio.wait_for(self._conn.execute(
+                    _REFRESH_LAST_SEEN, fps, [dt.datetime.fromtimestamp(seen[fp], _UTC) for fp in fps]),
+                    self.cfg.write_timeout)
+        except BaseException:
+            for fp, ts in seen.items():   # keep them for the next try
+                if ts > self._last_seen.get(fp, 0.0):
+                    self._last_seen[fp] = ts
+            raise
+
+
+def _is_transient(e: BaseException) -> bool:
+    """Worth retrying later with the same rows (store away, overloaded, shutting down), as opposed to a refusal."""
+    if isinstance(e, (ValueError, TypeError)):   # rows the client library cannot encode (asyncpg.DataError too)
+        return False
+    if isinstance(e, (_TransientStoreError, OSError, asyncio.TimeoutError)):
+        return True
+    sqlstate = getattr(e, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    return True   # asyncpg.InterfaceError and the like: the connection is not usable
+
+
+def _is_lock_timeout(e: BaseException) -> bool:
+    return getattr(e, "sqlstate", None) == "55P03"
+
+
+def _clean_text(value) -> str:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value).decode("utf-8", "replace")
+    elif not isinstance(value, str):
+        value = str(value)
+    return value.replace("\x00", "") if "\x00" in value else value
+
+
+def _statement_text(sql: str, idx: int) -> str | None:
+    from pglast import parser as pg_parser
+    try:
+        parts = pg_parser.split(sql, with_parser=False)
+        return parts[idx] if 0 <= idx < len(parts) else None
+    except Exception:
+        return None
+
+
+class _TemplateStats:
+    __slots__ = ("fingerprint", "normalized", "kind", "calls", "total_us", "max_us", "rows", "errors", "samples")
+
+    def __init__(self, fingerprint: str, normalized: str, kind: str):
+        self.fingerprint = fingerprint
+        self.normalized = normalized
+        self.kind = kind
+        self.calls = 0
+        self.total_us = 0
+        self.max_us = 0
+        self.rows = 0
+        self.errors = 0
+        self.samples: list[int] = []   # a uniform reservoir of durations, for percentiles
+
+
+class QueryStats:
+    """Per-template counters in memory for SHOW QUERIES: calls, time (total, mean, p95, max), rows, errors.
+
+    At most max_templates are tracked; past that the least called ones are forgotten (in chunks of a tenth,
+    so eviction is amortized). p95 comes from a fixed-size uniform reservoir of durations per template.
+    """
+
+    COLUMNS = ("fingerprint", "kind", "calls", "total_ms", "mean_ms", "p95_ms", "max_ms", "rows", "errors", "query")
+    ORDERS = ("total_time", "calls", "mean_time", "p95_time", "max_time", "rows", "errors")
+
+    def __init__(self, max_templates: int = 5000, reservoir_size: int = 64):
+        self.max_templates = max_templates
+        self.reservoir_size = reservoir_size
+        self._templates: dict[str, _TemplateStats] = {}
+        self._random = random.Random(0x5eed).random
+
+    def __len__(self) -> int:
+        return len(self._templates)
+
+    def observe(self, fingerprint: str, normalized: str, kind: str, duration_us: int, rows: int | None,
+                failed: bool) -> None:
+        t = self._templates.get(fingerprint)
+        if t is None:
+            if len(self._templates) >= self.max_templates + max(1, self.max_templates // 10):
+                self._evict()
+            t = self._templates[fingerprint] = _TemplateStats(fingerprint, normalized, kind)
+        t.calls += 1
+        t.total_us += duration_us
+        if duration_us > t.max_us:
+            t.max_us = duration_us
+        if rows:
+            t.rows += rows
+        if failed:
+            t.errors += 1
+        samples = t.samples
+        if len(samples) < self.reservoir_size:
+            samples.append(duration_us)
+        else:
+            j = int(self._random() * t.calls)
+            if j < self.reservoir_size:
+                samples[j] = duration_us
+
+    def _evict(self) -> None:
+        excess = len(self._templates) - self.max_templates + max(1, self.max_templates // 10)
+        for t in heapq.nsmallest(excess, self._templates.values(), key=lambda t: t.calls):
+            del self._templates[t.fingerprint]
+
+    def reset(self) -> None:
+        self._templates.clear()
+
+    def top(self, n: int = 20, by: str = "total_time") -> list[dict]:
+        """The n templates with the most `by` (one of ORDERS), as rows keyed by COLUMNS (times in ms)."""
+        key = {
+            "total_time": lambda t: t.total_us, "calls": lambda t: t.calls,
+            "mean_time": lambda t: t.total_us / t.calls, "p95_time": _p95, "max_time": lambda t: t.max_us,
+            "rows": lambda t: t.rows, "errors": lambda t: t.errors,
+        }.get(by)
+        if key is None:
+            raise ValueError(f"unknown order {by!r}; expected one of {', '.join(self.ORDERS)}")
+        return [{
+            "fingerprint": t.fingerprint, "kind": t.kind, "calls": t.calls,
+            "total_ms": round(t.total_us / 1000, 3), "mean_ms": round(t.total_us / t.calls / 1000, 3),
+            "p95_ms": round(_p95(t) / 1000, 3), "max_ms": round(t.max_us / 1000, 3), "rows": t.rows,
+            "errors": t.errors, "query": t.normalized,
+        } for t in heapq.nlargest(n, self._templates.values(), key=key)]
+
+
+def _p95(t: _TemplateStats) -> float:
+    s = sorted(t.samples)
+    if not s:
+        return 0.0
+    return float(s[min(len(s) - 1, int(0.95 * len(s)))])
