@@ -15,34 +15,14 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
 
 from proxy import protocol as P
 from proxy.config import Config, ConfigError, load_config
 from proxy.pool import Pool
 from proxy.session import ClientSession, StatementNames
+from proxy.stats import ServerStats
 
 log = logging.getLogger("pgpilot.server")
-
-
-class ServerStats:
-    """Process-wide counters the admin console and metrics read."""
-
-    def __init__(self):
-        self.clients_accepted = 0
-        self.clients_refused = 0
-        self.wait_timeouts = 0
-        self.waits = 0
-        self.wait_us_total = 0
-        self.errors_by_sqlstate: Counter[str] = Counter()
-        self.cancels = 0
-
-    def record_wait(self, us: int) -> None:
-        self.waits += 1
-        self.wait_us_total += us
-
-    def count_error(self, sqlstate: str) -> None:
-        self.errors_by_sqlstate[sqlstate] += 1
 
 
 class ProxyServer:
@@ -59,6 +39,7 @@ class ProxyServer:
         self.statement_names = StatementNames()
         self.stats = ServerStats()
         self.query_log = None
+        self.admin = None          # the admin console, reached as the virtual database config.admin.database
         self.proxy_id = f"{socket.gethostname()}:{os.getpid()}"
         self._client_ids = 0
         self._xact_ids = 0
@@ -89,6 +70,10 @@ class ProxyServer:
         self.clients.discard(client)
         if self.cancel_keys.get(client.cancel_pid) is client:
             del self.cancel_keys[client.cancel_pid]
+
+    async def authenticate(self, client: ClientSession, params: dict[str, str]) -> bool:
+        """Client authentication during startup; False means the client was refused (and told why)."""
+        return True
 
     def register_cancel_key(self, client: ClientSession) -> tuple[int, int]:
         while True:
@@ -162,8 +147,13 @@ class ProxyServer:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             t = self.config.timeouts
+            wait_limit = time.perf_counter() - t.query_wait
             for client in list(self.clients):
                 if client.state != "ready" or client.closed:
+                    continue
+                if client.waiting:
+                    if client.wait_started < wait_limit:
+                        client.wait_timed_out()
                     continue
                 idle = now - client.last_activity
                 if client.pending:
@@ -264,8 +254,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.log_level, config.log_format)
     install_event_loop_policy()
+    profile_path = os.environ.get("PGPILOT_PROFILE")  # write a cProfile of the whole run here at exit
+    profiler = None
+    if profile_path:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         return asyncio.run(serve(config, args.config))
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_path)

@@ -118,7 +118,7 @@ class ClientSession(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.busy_since = 0.0
         self.wait_started = 0.0
-        self._wait_timer: asyncio.TimerHandle | None = None
+        self.waiting = False                     # queued in the pool for a backend
         self._wait_us = 0
         self.reading_paused_for: set[str] = set()
         self.bytes_in = 0
@@ -127,6 +127,9 @@ class ClientSession(asyncio.Protocol):
         self.xact_id = 0
         self.query_log = server.query_log
         self.stats = server.stats
+        self.traffic = None                      # TrafficStats of (database, user), set at startup
+        self.admin = None                        # set when this is an admin console connection
+        self._reader: asyncio.Future | None = None
 
     # ================================================================ asyncio.Protocol callbacks
 
@@ -146,6 +149,9 @@ class ClientSession(asyncio.Protocol):
         if self.state != "ready":
             self._startup_data(data)
             return
+        if self.admin is not None:
+            self.admin.data_received(self, data)
+            return
         try:
             items = self.splitter.feed(data)
         except ProtocolError as e:
@@ -153,15 +159,21 @@ class ClientSession(asyncio.Protocol):
             return
         if self.stash is not None:
             self.stash.extend(items)
+            if self.splitter.pending_bytes + len(data) > 65536:
+                self._pause_reading("wait", True)   # a client pipelining a lot while it waits
         else:
             self._to_server(items, 0)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.state = "closed"
-        if self._wait_timer is not None:
-            self._wait_timer.cancel()
-        if self.pool is not None and self.stash is not None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+        if self.traffic is not None:
+            self.traffic.bytes_in += self.bytes_in
+            self.traffic.bytes_out += self.bytes_out
+        if self.waiting:
+            self.waiting = False
             self.pool.cancel_wait(self)
         self._give_back_backend()
         self.server.forget(self)
@@ -195,7 +207,9 @@ class ClientSession(asyncio.Protocol):
 
     def _startup_data(self, data: bytes) -> None:
         if self.state != "startup":
-            self._startup_buf += data   # pipelined before we answered; handled once ready
+            self._startup_buf += data   # authentication answers, or pipelined before we answered
+            if self._reader is not None and not self._reader.done():
+                self._reader.set_result(None)
             return
         buf = self._startup_buf + data
         while len(buf) >= 4:
@@ -233,6 +247,23 @@ class ClientSession(asyncio.Protocol):
             return
         self._startup_buf = buf
 
+    async def read_startup_message(self, timeout: float = 30.0) -> tuple[int, bytes]:
+        """The next typed message from the client during startup (e.g. a PasswordMessage): (type, raw)."""
+        while True:
+            buf = self._startup_buf
+            if len(buf) >= 5:
+                length = P.unpack_i32(buf, 1)
+                if length < 4 or length > P.MAX_STARTUP_PACKET:
+                    raise ProtocolError("invalid message length during authentication")
+                if len(buf) > length:
+                    self._startup_buf = buf[length + 1:]
+                    return buf[0], buf[:length + 1]
+            if self.closed:
+                raise ConnectionResetError("client disconnected during startup")
+            self._reader = asyncio.get_running_loop().create_future()
+            await asyncio.wait_for(self._reader, timeout)
+            self._reader = None
+
     async def _start_session(self, code: int, params: dict[str, str]) -> None:
         unrecognized = [k for k in params if k.startswith("_pq_.")]
         if code & 0xFFFF or unrecognized:
@@ -247,9 +278,20 @@ class ClientSession(asyncio.Protocol):
         database = params.get("database") or user
         self.user, self.database = user, database
         self.application_name = params.get("application_name", "")
+        is_admin = database == self.config.admin.database and self.server.admin is not None
         pool = self.server.pools.get(database)
-        if pool is None:
+        if pool is None and not is_admin:
             self.fatal("3D000", f'database "{database}" does not exist')
+            return
+        try:
+            if not await self.server.authenticate(self, params):
+                return
+        except (ProtocolError, ConnectionError, asyncio.TimeoutError) as e:
+            self.fatal("08P01", f"authentication exchange failed: {e}")
+            return
+        self.traffic = self.stats.traffic_for(database, user)
+        if is_admin:
+            self.server.admin.start(self, params)
             return
         self.pool = pool
         settings = {k: v for k, v in params.items() if k not in _STARTUP_ONLY and not k.startswith("_pq_.")}
@@ -500,17 +542,15 @@ class ClientSession(asyncio.Protocol):
             self._wait_us = 0
             self.attach_backend(be)
             return
-        self._pause_reading("wait", True)
+        # No timer per wait: the server's once-a-second sweep enforces query_wait.
         self.wait_started = time.perf_counter()
+        self.waiting = True
         self.pool.wait(self)
-        qw = self.config.timeouts.query_wait
-        self._wait_timer = asyncio.get_running_loop().call_later(qw, self._wait_timed_out)
 
     def attach_backend(self, be: BackendConnection) -> None:
         """The pool lends us a backend: replay our settings if it has someone else's, then send what waited."""
-        if self._wait_timer is not None:
-            self._wait_timer.cancel()
-            self._wait_timer = None
+        if self.waiting:
+            self.waiting = False
             self._wait_us = int((time.perf_counter() - self.wait_started) * 1e6)
             self.stats.record_wait(self._wait_us)
         self.backend = be
@@ -521,21 +561,20 @@ class ClientSession(asyncio.Protocol):
             be.transport.write(P.query(self._settings_sql()))
             be.settings_key = self.settings_key
         stash, self.stash = self.stash, None
-        self._pause_reading("wait", False)
+        if self.reading_paused_for:
+            self._pause_reading("wait", False)
         if stash:
             self._to_server(stash, 0)
 
-    def _wait_timed_out(self) -> None:
-        self._wait_timer = None
+    def wait_timed_out(self) -> None:
+        self.waiting = False
         self.pool.cancel_wait(self)
         self.stats.wait_timeouts += 1
         self._fail_stash("53300", f"pgpilot: no server connection for database \"{self.database}\" became free "
                                   f"within query_wait timeout ({self.config.timeouts.query_wait:g}s)")
 
     def acquire_failed(self, err: UpstreamError) -> None:
-        if self._wait_timer is not None:
-            self._wait_timer.cancel()
-            self._wait_timer = None
+        self.waiting = False
         self._fail_stash(err.sqlstate, f"pgpilot: {err}")
 
     def _fail_stash(self, sqlstate: str, msg: str) -> None:
@@ -605,9 +644,12 @@ class ClientSession(asyncio.Protocol):
             t, raw = item
             if t == P.B_READY:
                 e = pending.popleft() if pending else None
-                self._ready_for_query(raw[5:6])
+                status = raw[5:6]
+                self._ready_for_query(status)
                 if e is None or not e.hidden:
                     out.append(raw)
+                    if status == b"I":
+                        self.traffic.transactions += 1
             elif t == P.B_COMMAND_COMPLETE:
                 e = pending[0] if pending else None
                 if e is None:
@@ -620,15 +662,13 @@ class ClientSession(asyncio.Protocol):
                         continue
                     if e.effects:
                         self._statement_effects(e, e.done, raw)
-                    if self.query_log is not None:
-                        self._log_statement(e, raw, None, out)
+                    self._statement_done(e, raw, None, out)
                     e.done += 1
                 else:
                     pending.popleft()
                     if e.effects:
                         self._statement_effects(e, 0, raw)
-                    if self.query_log is not None:
-                        self._log_statement(e, raw, None, out)
+                    self._statement_done(e, raw, None, out)
                 out.append(raw)
             elif t == P.B_ERROR:
                 if raw[6:11] in (b"FATAL", b"PANIC"):
@@ -650,15 +690,14 @@ class ClientSession(asyncio.Protocol):
                         log.warning("client %s: replaying session settings failed: %s", self.id,
                                     P.parse_error_fields(raw).get("M"))
                         continue
-                    if self.query_log is not None:
-                        self._log_statement(e, None, P.error_sqlstate(raw), out)
+                    self._statement_done(e, None, P.error_sqlstate(raw), out)
                     e.done += 1
                     out.append(raw)
                     continue
                 # Extended protocol: the server skips everything up to the next Sync.
                 pending.popleft()
-                if e.kind == P.F_EXECUTE and self.query_log is not None:
-                    self._log_statement(e, None, P.error_sqlstate(raw), out)
+                if e.kind == P.F_EXECUTE:
+                    self._statement_done(e, None, P.error_sqlstate(raw), out)
                 if e.server_name is not None:
                     be.prepared.discard(e.server_name)
                 while pending and pending[0].kind != P.F_SYNC:
@@ -698,8 +737,8 @@ class ClientSession(asyncio.Protocol):
                 pending.popleft()
                 if not e.hidden:
                     out.append(raw)
-                    if e.kind == P.F_EXECUTE and self.query_log is not None:
-                        self._log_statement(e, None, None, out)
+                    if e.kind == P.F_EXECUTE:
+                        self._statement_done(e, None, None, out)
             # Answers the proxy gives itself go out once everything before them has.
             while pending and pending[0].synthetic is not None:
                 out.append(pending.popleft().synthetic)
@@ -771,17 +810,20 @@ class ClientSession(asyncio.Protocol):
 
     # ================================================================ query log
 
-    def _log_statement(self, e: Pending, cc: bytes | None, sqlstate: str | None, out: list) -> None:
+    def _statement_done(self, e: Pending, cc: bytes | None, sqlstate: str | None, out: list) -> None:
+        """A statement finished (CommandComplete, ErrorResponse, PortalSuspended): count it, log it."""
         now = time.perf_counter()
         start = e.start
         e.start = now   # the next statement of a multi-statement Query starts here
+        duration_us = int((now - start) * 1e6)
+        self.traffic.statement(duration_us, sqlstate)
+        if self.query_log is None or e.sql is None:
+            return
         sent = self.bytes_out + sum(map(len, out))
         nbytes, self._bytes_mark = sent - self._bytes_mark, sent
-        if e.sql is None:
-            return
         wait_us, self._wait_us = self._wait_us, 0
         self.query_log.submit(QueryEvent(
-            ts=time.time() - (now - start), duration_us=int((now - start) * 1e6), wait_us=wait_us,
+            ts=time.time() - (now - start), duration_us=duration_us, wait_us=wait_us,
             sql=e.sql.decode("utf-8", "replace"), rows=P.command_tag_rows(cc) if cc else None,
             bytes_out=nbytes, sqlstate=sqlstate, database=self.database, username=self.user,
             application_name=self.application_name, client_addr=self.client_addr,
@@ -813,8 +855,7 @@ class ClientSession(asyncio.Protocol):
         be = self.backend
         if be is not None and self.pending:
             self.server.send_cancel(be)
-        elif self.stash is not None and self._wait_timer is not None:
-            self._wait_timer.cancel()
-            self._wait_timer = None
+        elif self.waiting:
+            self.waiting = False
             self.pool.cancel_wait(self)
             self._fail_stash("57014", "canceling statement due to user request")
