@@ -17,6 +17,7 @@ import sys
 import time
 
 import psycopg
+from psycopg.rows import dict_row
 
 from learning.collectors import run_collectors
 from learning.collectors.common import CollectorResult, Target, connect
@@ -60,7 +61,7 @@ def bloat_accuracy(dsn: str, rows: int) -> list[dict]:
                 app.execute("SELECT pg_stat_force_next_flush()")
                 app.execute(f"ANALYZE {table}")
         target = Target("bench", connect(dsn))
-        with target.conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        with target.conn.cursor(row_factory=dict_row) as cur:
             tables = [t for t in cur.execute(TABLES_SQL).fetchall() if t["relname"].startswith("bloat_")]
         approx = table_bloat(target, tables, CollectorResult(), "auto")
         estimated = table_bloat(target, tables, CollectorResult(), "statistical")

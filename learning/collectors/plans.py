@@ -167,7 +167,7 @@ def collect(store: psycopg.Connection, target: Target, result: CollectorResult, 
             result.notice(f"{target.name}: template {fp} could not be explained: {error_text(e)}")
             continue
         s = summarize(plan)
-        rows.append((target.conn.execute("SELECT clock_timestamp()").fetchone()[0], target.name, fp, source, calls,
+        rows.append((target.now(), target.name, fp, source, calls,
                      Jsonb(plan), s["startup_cost"], s["total_cost"], s["plan_rows"], s["plan_width"],
                      s["node_types"], s["relations"], s["indexes"], s["shape_hash"]))
     result.wrote("plans", write_rows(store, "plans", PLAN_COLUMNS, rows))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from importlib import resources
 
 import psycopg
+from psycopg.rows import dict_row
 from psycopg import sql
 
 from learning.collectors.common import CollectorResult, Target, error_text, ratio, write_rows
@@ -108,7 +109,7 @@ def collect(store: psycopg.Connection, target: Target, result: CollectorResult, 
     """One row per user table in table_stats and per user index in index_stats."""
     conn = target.conn
     ts = target.now()
-    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+    with conn.cursor(row_factory=dict_row) as cur:
         tables = cur.execute(TABLES_SQL).fetchall()
         indexes = cur.execute(INDEXES_SQL).fetchall()
     bloat = table_bloat(target, tables, result, bloat_method)

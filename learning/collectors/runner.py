@@ -32,7 +32,8 @@ def run_collectors(store_dsn: str, target_dsns: dict[str, str] | None = None, *,
     store_dsn: the log-store database; target_dsns: monitored database name -> DSN (default: the log-store
     database itself); only: a subset of COLLECTORS; retention_days: snapshots older than this are deleted
     (None keeps everything). Returns {collector: {"rows", "tables", "notices", "seconds"}}. A problem with one
-    database or collector becomes a notice in the summary and the log, never an exception.
+    database or collector becomes a notice in the summary and the log, not an exception; only an unusable
+    log store raises.
     """
     selected = [c for c in COLLECTORS if only is None or c in only]
     unknown = set(only or ()) - set(COLLECTORS)

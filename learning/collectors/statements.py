@@ -6,6 +6,7 @@ import functools
 
 import psycopg
 from pglast import parser as pg_parser
+from psycopg.rows import dict_row
 
 from learning.collectors.common import CollectorResult, Target, error_text, write_rows
 
@@ -97,7 +98,7 @@ def _previous_snapshot(store: psycopg.Connection, database: str) -> tuple[dt.dat
                             (database,)).fetchone()[0]
     if prev_ts is None:
         return None, [], None
-    with store.cursor(row_factory=psycopg.rows.dict_row) as cur:
+    with store.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(f"SELECT {', '.join(KEY + COUNTERS)}, stats_reset FROM pgpilot.statement_snapshots "
                            "WHERE database = %s AND ts = %s", (database, prev_ts)).fetchall()
     return prev_ts, rows, (rows[0]["stats_reset"] if rows else None)
@@ -126,7 +127,7 @@ def collect(store: psycopg.Connection, target: Target, result: CollectorResult) 
     conn = target.conn
     ts = target.now()
     try:
-        with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        with conn.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(SNAPSHOT_SQL).fetchall()
     except psycopg.errors.ObjectNotInPrerequisiteState as e:
         result.notice(f"{target.name}: pg_stat_statements is created but not loaded ({error_text(e)}); add it to "
