@@ -13,10 +13,11 @@ from collections import OrderedDict
 
 import pglast.parser
 
-_MAYBE_STATEFUL = re.compile(
-    rb"(?:^|;)\s*(?:set|reset|listen|discard|prepare|deallocate|declare|load|create\s+(?:(?:global|local)\s+)?temp)"
-    rb"|advisory_(?:un)?lock|set_config|temp(?:orary)?\s+table|\bwith\s+hold\b",
-    re.IGNORECASE)
+# A statement can only touch session state if it starts with one of these words (or a comment, which could
+# hide one), holds several statements, or mentions one of the few functions and clauses below.
+_STATEFUL_HEADS = (b"set", b"reset", b"listen", b"discard", b"prepare", b"deallocate", b"declare", b"load",
+                   b"create", b"/*", b"--")
+_STATEFUL_WORDS = (b"advisory", b"set_config", b"temp", b"hold")
 
 CURSOR_OPT_HOLD = 0x0020
 
@@ -24,7 +25,7 @@ CURSOR_OPT_HOLD = 0x0020
 class Effect:
     """One statement's effect on session state; `index` is its position in a multi-statement text."""
 
-    __slots__ = ("index", "kind", "name", "text")
+    __slots__ = ("index", "kind", "name", "text", "value")
 
     SET = "set"            # name, text: a session-level SET to replay
     RESET = "reset"        # name: back to the default
@@ -33,11 +34,13 @@ class Effect:
     DEALLOCATE = "deallocate"     # name (None for ALL): SQL-level DEALLOCATE
     PIN = "pin"            # name: why the client must keep its backend
 
-    def __init__(self, index: int, kind: str, name: str | None = None, text: str | None = None):
+    def __init__(self, index: int, kind: str, name: str | None = None, text: str | None = None,
+                 value: str | None = None):
         self.index = index
         self.kind = kind
         self.name = name
         self.text = text
+        self.value = value   # a SET's value as Postgres would show it for simple cases (a, b), else None
 
     def __repr__(self) -> str:
         return f"Effect({self.index}, {self.kind!r}, {self.name!r})"
@@ -50,8 +53,13 @@ _NONE: tuple[Effect, ...] = ()
 
 def effects_of(sql: bytes) -> tuple[Effect, ...]:
     """The session effects of a statement text (UTF-8 bytes, no trailing NUL); () for nearly everything."""
-    if _MAYBE_STATEFUL.search(sql) is None:
-        return _NONE
+    low = sql.lower()
+    if not low.lstrip().startswith(_STATEFUL_HEADS) and b";" not in low.rstrip(b" \t\r\n;"):
+        for word in _STATEFUL_WORDS:
+            if word in low:
+                break
+        else:
+            return _NONE
     hit = _cache.get(sql)
     if hit is not None:
         _cache.move_to_end(sql)
@@ -93,7 +101,7 @@ def _effect_of(i: int, stmt: dict, text: str) -> Effect | None:
             return Effect(i, Effect.RESET, name)
         if kind == "VAR_SET_MULTI" and name == "TRANSACTION":
             return None  # SET TRANSACTION: this transaction only
-        return Effect(i, Effect.SET, name or text, text)
+        return Effect(i, Effect.SET, name or text, text, _set_value(body.get("args")))
     if node == "DiscardStmt":
         target = body.get("target")
         if target == "DISCARD_ALL":
@@ -120,3 +128,23 @@ def _effect_of(i: int, stmt: dict, text: str) -> Effect | None:
     if "set_config" in low:
         return Effect(i, Effect.PIN, "set_config()")
     return None
+
+
+def _set_value(args) -> str | None:
+    """The value of `SET x TO a, b` as a string ('a, b'), when every argument is a plain constant."""
+    if not args:
+        return None
+    parts = []
+    for a in args:
+        const = a.get("A_Const")
+        if const is None:
+            return None
+        for k in ("sval", "ival", "fval", "boolval"):
+            if k in const:
+                v = const[k]
+                v = next(iter(v.values()), "") if isinstance(v, dict) else v
+                parts.append(str(v).lower() if k == "boolval" else str(v))
+                break
+        else:
+            return None
+    return ", ".join(parts)

@@ -15,8 +15,10 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 
 from proxy import protocol as P
+from proxy.admin import AdminConsole
 from proxy.config import Config, ConfigError, load_config
 from proxy.pool import Pool
 from proxy.session import ClientSession, StatementNames
@@ -39,7 +41,9 @@ class ProxyServer:
         self.statement_names = StatementNames()
         self.stats = ServerStats()
         self.query_log = None
-        self.admin = None          # the admin console, reached as the virtual database config.admin.database
+        # The admin console, reached as the virtual database config.admin.database.
+        self.admin: AdminConsole | None = AdminConsole(self) if config.admin.database else None
+        self.cache = None          # the result cache (proxy.cache.ResultCache) when cache.enabled
         self.proxy_id = f"{socket.gethostname()}:{os.getpid()}"
         self._client_ids = 0
         self._xact_ids = 0
@@ -47,6 +51,16 @@ class ProxyServer:
         self._tasks: list[asyncio.Task] = []
         self.stopping = False
         self.stopped = asyncio.Event()
+        self._hurry = asyncio.Event()              # SIGINT during a graceful shutdown: stop waiting
+        self.started_at = time.time()
+        self.metrics = None                        # proxy.metrics.MetricsServer when admin.http_listen is set
+        self.retired_pools: dict[str, Pool] = {}   # removed by a reload; kept while their clients remain
+        self.reloads: Counter[str] = Counter()     # "ok" / "failed"
+        self.last_reload_ok = True
+        self.last_reload_at = 0.0
+        self.clients_per_user: Counter[str] = Counter()
+        self.clients_per_database: Counter[str] = Counter()
+        self._counted: dict[ClientSession, tuple[str, str]] = {}
 
     # ---------------------------------------------------------------- ids and registries
 
@@ -66,10 +80,42 @@ class ProxyServer:
         self.stats.clients_accepted += 1
         return True
 
+    def admit_user(self, client: ClientSession) -> bool:
+        """Per-user and per-database caps, once the client's startup named them; False: refused (53300)."""
+        cfg = self.config
+        user, database = client.user, client.database
+        refusal = None
+        if cfg.max_client_conn_per_user and self.clients_per_user[user] >= cfg.max_client_conn_per_user:
+            refusal = f'too many connections for role "{user}"'
+        elif (cfg.max_client_conn_per_database
+              and self.clients_per_database[database] >= cfg.max_client_conn_per_database):
+            refusal = f'too many connections for database "{database}"'
+        if refusal is not None:
+            self.stats.clients_refused += 1
+            client.fatal("53300", refusal)
+            return False
+        self.clients_per_user[user] += 1
+        self.clients_per_database[database] += 1
+        self._counted[client] = (user, database)
+        if cfg.log_connections:
+            log.info("client connected", extra=client_fields(client, application_name=client.application_name))
+        return True
+
     def forget(self, client: ClientSession) -> None:
         self.clients.discard(client)
         if self.cancel_keys.get(client.cancel_pid) is client:
             del self.cancel_keys[client.cancel_pid]
+        counted = self._counted.pop(client, None)
+        if counted is not None:
+            user, database = counted
+            for counter, key in ((self.clients_per_user, user), (self.clients_per_database, database)):
+                counter[key] -= 1
+                if counter[key] <= 0:
+                    del counter[key]
+        if (counted is not None or client.admin is not None) and self.config.log_connections:
+            log.info("client disconnected", extra=client_fields(
+                client, duration_s=round(time.time() - client.connected_at, 3), bytes_in=client.bytes_in,
+                bytes_out=client.bytes_out))
 
     async def authenticate(self, client: ClientSession, params: dict[str, str]) -> bool:
         """Client authentication during startup; False means the client was refused (and told why)."""
@@ -118,6 +164,10 @@ class ProxyServer:
             self.query_log = self._make_query_log()
             if self.query_log is not None:
                 await self.query_log.start()
+        if self.config.cache.enabled:
+            from proxy.cache import ResultCache
+            self.cache = ResultCache(self.config.cache, {name: self.database_dsn(name) for name in self.config.databases})
+            await self.cache.start()
         host, port = self.config.listen_address
         srv = await loop.create_server(lambda: ClientSession(self), host, port, backlog=4096, reuse_address=True)
         self._servers.append(srv)
@@ -136,8 +186,12 @@ class ProxyServer:
         return QueryLog(cfg, dsn, self.proxy_id)
 
     def default_store_dsn(self) -> str:
+        return self.database_dsn(next(iter(self.config.databases)))
+
+    def database_dsn(self, name: str) -> str:
+        """A libpq URL for a configured upstream database, with its credentials."""
         from urllib.parse import quote
-        name, db = next(iter(self.config.databases.items()))
+        db = self.config.databases[name]
         auth = quote(db.user) + (":" + quote(db.password) if db.password else "")
         return f"postgresql://{auth}@{db.host}:{db.port}/{quote(db.dbname)}"
 
@@ -190,6 +244,11 @@ class ProxyServer:
             c.fatal("57P01", "terminating connection due to administrator command")
         for pool in self.pools.values():
             pool.close_all()
+        if self.cache is not None:
+            try:
+                await asyncio.wait_for(self.cache.stop(), 10)
+            except Exception as e:
+                log.warning("result cache did not stop cleanly: %s", e)
         if self.query_log is not None:
             try:
                 await asyncio.wait_for(self.query_log.stop(), 10)

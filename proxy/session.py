@@ -59,6 +59,37 @@ class Pending:
         self.params = None
 
 
+# Settings that cannot change a result's bytes; every other setting is part of the cache context.
+_RESULT_NEUTRAL_SETTINGS = frozenset((
+    "application_name", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
+    "idle_session_timeout", "work_mem", "maintenance_work_mem", "temp_buffers", "log_statement",
+    "log_min_duration_statement", "synchronous_commit", "jit", "geqo", "random_page_cost", "seq_page_cost",
+    "effective_cache_size", "enable_seqscan", "enable_indexscan", "enable_bitmapscan", "max_parallel_workers_per_gather",
+    "plan_cache_mode", "tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count",
+    "default_transaction_isolation", "default_transaction_read_only", "fallback_application_name"))
+
+
+class CacheRequest:
+    """A read the result cache may answer: its key, what it reads, and how to answer from an entry."""
+
+    __slots__ = ("kind", "sql", "key", "tables", "nmsg", "prefix", "parse_raw", "token", "sent")
+
+    def __init__(self, kind: int, sql: bytes, key: bytes, tables: tuple, nmsg: int, prefix: bytes = b"",
+                 parse_raw: bytes | None = None):
+        self.kind = kind            # F_QUERY or F_EXECUTE
+        self.sql = sql
+        self.key = key
+        self.tables = tables
+        self.nmsg = nmsg            # client messages the request spans (Parse/Bind/Describe/Execute/Sync)
+        self.prefix = prefix        # ParseComplete/BindComplete the client expects before the result
+        self.parse_raw = parse_raw  # the batch's Parse, replayed on the session's books on a hit
+        self.token = None           # generations read before the query ran: they key the fill
+        self.sent = 0.0
+
+
+_BYPASS = object()   # the lookup said to go to Postgres without filling
+
+
 class StatementNames:
     """Server-side names for prepared statements, shared by every client of a pool: one name per (query, types)."""
 
@@ -108,6 +139,7 @@ class ClientSession(asyncio.Protocol):
         self.portals: dict[bytes, bytes | None] = {}
         self.startup_settings: dict[str, str] = {}
         self.session_settings: dict[str, str] = {}   # lower-cased name -> SET statement text
+        self.session_values: dict[str, str | None] = {}  # lower-cased name -> value, where a SET's value is plain
         self._setting_changes: list[Effect] = []
         self._rolled_back = False
         self.settings_key: tuple = ()
@@ -128,6 +160,14 @@ class ClientSession(asyncio.Protocol):
         self.query_log = server.query_log
         self.stats = server.stats
         self.traffic = None                      # TrafficStats of (database, user), set at startup
+        self.cache = server.cache                # ResultCache, or None when caching is off
+        self._cache_ctx = None                   # CacheContext for the current settings (built lazily)
+        self._cache_req: CacheRequest | None = None   # a looked-up request whose reply should fill the cache
+        self._capture: list | None = None        # reply messages being captured for a cache fill
+        self._capture_bytes = 0
+        self._capture_req: CacheRequest | None = None
+        self.txn_writes: set | None = None       # tables written since the last ReadyForQuery 'I'
+        self.hold: list | None = None            # replies held until the writes are recorded as invalidations
         self.admin = None                        # set when this is an admin console connection
         self._reader: asyncio.Future | None = None
 
@@ -362,6 +402,11 @@ class ClientSession(asyncio.Protocol):
                 if be is not None:
                     out.append(raw)
                 continue
+            if (self.cache is not None and not pending and self.txn_status == b"I" and self.pinned is None
+                    and (t == P.F_QUERY or t == P.F_BIND or t == P.F_PARSE)):
+                if self._cache_req is None:
+                    if self._try_cache(items, i - 1, be, out, cout):
+                        return
             if be is None:
                 if t == P.F_PARSE and raw[5] != 0:
                     # A named Parse outside a transaction is only remembered: it is prepared on whichever
@@ -380,6 +425,8 @@ class ClientSession(asyncio.Protocol):
                         continue
                 pending.append(Pending(t, sql=sql, start=time.perf_counter(), effects=effects))
                 out.append(raw)
+                if self.cache is not None:
+                    self._cache_request_sent(sql)
             elif t == P.F_EXECUTE:
                 portal, _ = P.read_cstring(raw, 5)
                 sql = self.portals.get(portal)
@@ -388,6 +435,8 @@ class ClientSession(asyncio.Protocol):
                     self._pin_if_needed(effects)
                 pending.append(Pending(t, sql=sql, start=time.perf_counter(), effects=effects))
                 out.append(raw)
+                if self.cache is not None and sql is not None:
+                    self._cache_request_sent(sql)
             elif t == P.F_BIND:
                 portal, pos = P.read_cstring(raw, 5)
                 stmt, pos2 = P.read_cstring(raw, pos)
@@ -533,6 +582,182 @@ class ClientSession(asyncio.Protocol):
                     return True
         return False
 
+    # ================================================================ result cache
+
+    @property
+    def cache_ctx(self):
+        ctx = self._cache_ctx
+        if ctx is None:
+            from proxy.cache import CacheContext
+            values: dict[str, str] = {}
+            for k, v in self.startup_settings.items():
+                values[k.lower()] = v
+            for k, v in self.session_settings.items():
+                values[k] = self.session_values.get(k) or v
+            role = values.get("role") or values.get("session_authorization") or self.pool.db.user
+            settings = {k: v for k, v in values.items() if k not in _RESULT_NEUTRAL_SETTINGS}
+            ctx = self._cache_ctx = CacheContext(self.database, role, settings)
+        return ctx
+
+    def _try_cache(self, items: list, start: int, be, out: list, cout: list) -> bool:
+        """If items[start:] begins a cacheable read, look it up (asynchronously) and return True."""
+        cache = self.cache
+        ctx = self.cache_ctx
+        t, raw = items[start]
+        if t == P.F_QUERY:
+            sql = raw[5:-1]
+            v = cache.classify(sql, ctx)
+            if not v.cacheable:
+                return False
+            req = CacheRequest(P.F_QUERY, sql, cache.key(ctx, sql, b"S"), v.tables, 1)
+        else:
+            req = self._extended_cache_request(items, start, ctx)
+            if req is None:
+                return False
+        self._flush(be, out, cout)
+        out.clear()
+        cout.clear()
+        self.stash = items[start:]
+        asyncio.get_running_loop().create_task(self._cache_lookup(req))
+        return True
+
+    def _extended_cache_request(self, items: list, start: int, ctx) -> CacheRequest | None:
+        """A batch [Parse] Bind [Describe portal] Execute(all rows) Sync, as one cacheable request."""
+        n = len(items)
+        j = start
+        parse_raw = None
+        parsed_name = parsed_body = None
+        if items[j][0] == P.F_PARSE:
+            parse_raw = items[j][1]
+            parsed_name, pos = P.read_cstring(parse_raw, 5)
+            parsed_body = parse_raw[pos:]
+            if parsed_name and parsed_name in self.stmts:
+                return None
+            j += 1
+        if j >= n or type(items[j]) is not tuple or items[j][0] != P.F_BIND:
+            return None
+        bind = items[j][1]
+        portal, pos = P.read_cstring(bind, 5)
+        stmt, pos2 = P.read_cstring(bind, pos)
+        if parse_raw is not None and stmt == parsed_name:
+            sql = P.read_cstring(parsed_body, 0)[0]
+        elif not stmt:
+            sql = self.unnamed_sql
+        else:
+            entry = self.stmts.get(stmt)
+            sql = entry[2] if entry else None
+        if sql is None:
+            return None
+        j += 1
+        describe = False
+        if j < n and type(items[j]) is tuple and items[j][0] == P.F_DESCRIBE:
+            d = items[j][1]
+            if d[5] != 0x50 or P.read_cstring(d, 6)[0] != portal:   # only Describe of this portal
+                return None
+            describe = True
+            j += 1
+        if j >= n or type(items[j]) is not tuple or items[j][0] != P.F_EXECUTE:
+            return None
+        ex = items[j][1]
+        ex_portal, pos = P.read_cstring(ex, 5)
+        if ex_portal != portal or P.unpack_i32(ex, pos) != 0:
+            return None
+        j += 1
+        if j >= n or type(items[j]) is not tuple or items[j][0] != P.F_SYNC:
+            return None
+        j += 1
+        v = self.cache.classify(sql, ctx)
+        if not v.cacheable:
+            return None
+        key = self.cache.key(ctx, sql, (b"E1" if describe else b"E0") + bind[pos2:])
+        prefix = (P.PARSE_COMPLETE if parse_raw is not None else b"") + P.BIND_COMPLETE
+        return CacheRequest(P.F_EXECUTE, sql, key, v.tables, j - start, prefix, parse_raw)
+
+    async def _cache_lookup(self, req: CacheRequest) -> None:
+        t0 = time.perf_counter()
+        entry, token = await self.cache.lookup(req.key, req.tables)
+        if self.closed:
+            return
+        stash, self.stash = self.stash or [], None
+        if entry is not None:
+            if req.parse_raw is not None:
+                name, pos = P.read_cstring(req.parse_raw, 5)
+                body = req.parse_raw[pos:]
+                if name:
+                    self.stmts[name] = (self.pool_names.name_for(body), body, req.sql)
+                else:
+                    self.unnamed, self.unnamed_sql = body, req.sql
+            self._write(req.prefix + entry + P.ready_for_query(b"I"))
+            self._served_from_cache(req, entry, t0)
+            rest = stash[req.nmsg:]
+        else:
+            req.token = token
+            self._cache_req = req if token is not None else _BYPASS
+            rest = stash
+        if self.reading_paused_for:
+            self._pause_reading("wait", False)
+        if rest:
+            self._to_server(rest, 0)
+        self._cache_req = None
+
+    def _served_from_cache(self, req: CacheRequest, entry: bytes, t0: float) -> None:
+        now = time.perf_counter()
+        duration_us = int((now - t0) * 1e6)
+        self.traffic.statement(duration_us, None)
+        self.traffic.transactions += 1
+        if self.query_log is not None:
+            self.query_log.submit(QueryEvent(
+                ts=time.time() - (now - t0), duration_us=duration_us, wait_us=0,
+                sql=req.sql.decode("utf-8", "replace"), rows=P.command_tag_rows(entry[entry.rfind(b"C"):]),
+                bytes_out=len(entry), sqlstate=None, database=self.database, username=self.user,
+                application_name=self.application_name, client_addr=self.client_addr, backend_pid=None,
+                xact_id=self.server.next_xact_id(), in_transaction=False,
+                protocol="simple" if req.kind == P.F_QUERY else "extended", cache_outcome="hit"))
+
+    def _cache_request_sent(self, sql: bytes) -> None:
+        """A Query/Execute goes to Postgres: start capturing its reply if it was a cache miss; note its writes."""
+        req = self._cache_req
+        if req is not None:
+            self._cache_req = None
+            if req is not _BYPASS and req.sql == sql:
+                req.sent = time.perf_counter()
+                self._capture = []
+                self._capture_bytes = 0
+                self._capture_req = req
+        writes = self.cache.writes(sql, self.cache_ctx)
+        if writes:
+            if self.txn_writes is None:
+                self.txn_writes = set(writes)
+            else:
+                self.txn_writes.update(writes)
+
+    def _capture_add(self, item: bytes) -> list | None:
+        cap = self._capture
+        cap.append(item)
+        self._capture_bytes += len(item)
+        if self._capture_bytes > self.config.cache.max_entry_bytes:
+            self._capture = cap = None
+        return cap
+
+    def _capture_done(self, cc: bytes) -> None:
+        cap, self._capture = self._capture, None
+        cap.append(cc)
+        req, self._capture_req = self._capture_req, None
+        exec_us = int((time.perf_counter() - req.sent) * 1e6)
+        self.cache.fill(req.key, req.tables, req.token, b"".join(cap), exec_us, req.sql.decode("utf-8", "replace"))
+        return None
+
+    async def _record_writes(self, writes: set) -> None:
+        """Release the held replies once the tables written are recorded as invalidated."""
+        try:
+            await self.cache.invalidate(tuple(writes))
+        finally:
+            hold, self.hold = self.hold, None
+            if hold and not self.closed:
+                self._write(b"".join(hold))
+            if self.backend is not None:
+                self._maybe_release(self.backend)
+
     # ================================================================ backends
 
     def _acquire(self, items: list, i: int) -> None:
@@ -635,11 +860,15 @@ class ClientSession(asyncio.Protocol):
             return
         pending = self.pending
         out: list = []
+        hold_from = None
+        capture = self._capture
         for item in items:
             if type(item) is not tuple:
                 # DataRows, CopyData, notices, notifications: straight through.
                 if not (pending and pending[0].hidden):
                     out.append(item)
+                    if capture is not None:
+                        capture = self._capture_add(item)
                 continue
             t, raw = item
             if t == P.B_READY:
@@ -647,6 +876,8 @@ class ClientSession(asyncio.Protocol):
                 status = raw[5:6]
                 self._ready_for_query(status)
                 if e is None or not e.hidden:
+                    if status == b"I" and self.txn_writes and hold_from is None and self.hold is None:
+                        hold_from = len(out)
                     out.append(raw)
                     if status == b"I":
                         self.traffic.transactions += 1
@@ -657,6 +888,10 @@ class ClientSession(asyncio.Protocol):
                     continue
                 if self._setting_changes and raw[5:13] == b"ROLLBACK":
                     self._rolled_back = True
+                if self.txn_writes and raw[5:11] == b"COMMIT" and hold_from is None and self.hold is None:
+                    hold_from = len(out)   # committed: readers may fill from here on, record the writes first
+                if capture is not None and not e.hidden:
+                    capture = self._capture_done(raw)
                 if e.kind == P.F_QUERY:
                     if e.hidden:
                         continue
@@ -682,6 +917,8 @@ class ClientSession(asyncio.Protocol):
                                         f"(SQLSTATE {f.get('C', '?')})")
                     return
                 e = pending[0] if pending else None
+                if capture is not None:
+                    capture = self._capture = None
                 if e is None:
                     out.append(raw)
                     continue
@@ -720,6 +957,8 @@ class ClientSession(asyncio.Protocol):
                     pending.popleft()
                 if e is None or not e.hidden:
                     out.append(raw)
+                    if capture is not None:
+                        capture = self._capture_add(raw)
             elif t == P.B_PARAM_DESCRIPTION or t == P.B_COPY_IN or t == P.B_COPY_OUT or t == P.B_COPY_BOTH \
                     or t == P.B_FUNCTION_RESULT:
                 if not (pending and pending[0].hidden):
@@ -737,15 +976,30 @@ class ClientSession(asyncio.Protocol):
                 pending.popleft()
                 if not e.hidden:
                     out.append(raw)
+                    if capture is not None and t == P.B_NO_DATA:
+                        capture = self._capture_add(raw)
                     if e.kind == P.F_EXECUTE:
                         self._statement_done(e, None, None, out)
             # Answers the proxy gives itself go out once everything before them has.
             while pending and pending[0].synthetic is not None:
                 out.append(pending.popleft().synthetic)
+        if self.hold is not None:
+            self.hold.extend(out)
+            return
+        if hold_from is not None:
+            if hold_from:
+                self._write(b"".join(out[:hold_from]))
+            self.hold = out[hold_from:]
+            writes, self.txn_writes = self.txn_writes, None
+            asyncio.get_running_loop().create_task(self._record_writes(writes))
+            return
         if out:
             self._write(b"".join(out) if len(out) > 1 else out[0])
-        if (self.txn_status == b"I" and not pending and self.pinned is None and self.stash is None
-                and self.backend is be and not self.closed):
+        self._maybe_release(be)
+
+    def _maybe_release(self, be: BackendConnection) -> None:
+        if (self.txn_status == b"I" and not self.pending and self.pinned is None and self.stash is None
+                and self.backend is be and be is not None and not self.closed and self.hold is None):
             self.backend = None
             be.owner = None
             self.pool.release(be)
@@ -791,15 +1045,20 @@ class ClientSession(asyncio.Protocol):
 
     def _commit_setting(self, e: Effect) -> None:
         if e.kind == Effect.SET:
-            self.session_settings[e.name.lower()] = e.text
+            name = e.name.lower()
+            self.session_settings[name] = e.text
+            self.session_values[name] = e.value
         elif e.kind == Effect.RESET:
             self.session_settings.pop((e.name or "").lower(), None)
+            self.session_values.pop((e.name or "").lower(), None)
         else:
             self.session_settings.clear()
+            self.session_values.clear()
 
     def _recompute_settings_key(self) -> None:
         key = tuple(sorted(self.startup_settings.items())) + tuple(self.session_settings.items())
         self.settings_key = _settings_intern.setdefault(key, key)
+        self._cache_ctx = None
 
     def _settings_sql(self) -> str:
         parts = ["RESET ALL"]
