@@ -19,6 +19,7 @@ from collections import Counter
 
 from proxy import protocol as P
 from proxy.admin import AdminConsole
+from proxy.auth import ClientAuth
 from proxy.config import Config, ConfigError, load_config
 from proxy.pool import Pool
 from proxy.session import ClientSession, StatementNames
@@ -40,9 +41,11 @@ class ProxyServer:
         self.cancel_keys: dict[int, ClientSession] = {}
         self.statement_names = StatementNames()
         self.stats = ServerStats()
+        self.auth = ClientAuth(config)   # client authentication and TLS (proxy/auth.py, proxy/tls.py)
         self.query_log = None
-        # The admin console, reached as the virtual database config.admin.database.
-        self.admin: AdminConsole | None = AdminConsole(self) if config.admin.database else None
+        # The admin console, reached as the virtual database config.admin.database (None when that is unset).
+        self.console = AdminConsole(self)
+        self.admin: AdminConsole | None = self.console if config.admin.database else None
         self.cache = None          # the result cache (proxy.cache.ResultCache) when cache.enabled
         self.proxy_id = f"{socket.gethostname()}:{os.getpid()}"
         self._client_ids = 0
@@ -119,7 +122,16 @@ class ProxyServer:
 
     async def authenticate(self, client: ClientSession, params: dict[str, str]) -> bool:
         """Client authentication during startup; False means the client was refused (and told why)."""
-        return True
+        return await self.auth.authenticate(client, params)
+
+    def reload_auth(self, new_config: Config) -> None:
+        """Apply a new config's auth and tls sections to clients that connect from now on.
+
+        Raises OSError (an unreadable certificate or key) to reject the new config; the old one stays.
+        """
+        auth = ClientAuth(new_config)
+        old, self.auth = self.auth, auth
+        self._spawn(old.close())
 
     def register_cancel_key(self, client: ClientSession) -> tuple[int, int]:
         while True:
@@ -165,15 +177,45 @@ class ProxyServer:
             if self.query_log is not None:
                 await self.query_log.start()
         if self.config.cache.enabled:
-            from proxy.cache import ResultCache
-            self.cache = ResultCache(self.config.cache, {name: self.database_dsn(name) for name in self.config.databases})
-            await self.cache.start()
+            try:
+                from proxy.cache import ResultCache
+            except ImportError as e:
+                log.warning("result cache unavailable (%s); serving without it", e)
+            else:
+                self.cache = ResultCache(self.config.cache,
+                                         {name: self.database_dsn(name) for name in self.config.databases})
+                await self.cache.start()
         host, port = self.config.listen_address
         srv = await loop.create_server(lambda: ClientSession(self), host, port, backlog=4096, reuse_address=True)
         self._servers.append(srv)
         self._spawn(self._housekeeping())
         log.info("pgpilot listening on %s:%s (%s pooling, databases: %s)", host, port, self.config.pool_mode,
                  ", ".join(self.pools) or "none")
+        await self._start_metrics()
+
+    async def _start_metrics(self) -> None:
+        listen = self.config.admin.http_listen
+        if listen:
+            from proxy.metrics import MetricsServer
+            self.metrics = MetricsServer(self)
+            await self.metrics.start(listen)
+
+    async def _restart_metrics(self) -> None:
+        if self.metrics is not None:
+            await self.metrics.stop()
+            self.metrics = None
+        try:
+            await self._start_metrics()
+        except OSError as e:
+            log.error("cannot listen for metrics on %s: %s", self.config.admin.http_listen, e)
+
+    @property
+    def listening(self) -> bool:
+        return not self.stopping and any(srv.is_serving() for srv in self._servers)
+
+    def all_pools(self) -> list[Pool]:
+        """Pools of configured databases, then those a reload removed that still have clients."""
+        return [*self.pools.values(), *self.retired_pools.values()]
 
     def _make_query_log(self):
         try:
@@ -207,6 +249,7 @@ class ProxyServer:
                     continue
                 if client.waiting:
                     if client.wait_started < wait_limit:
+                        log.info("no backend within query_wait", extra=client_fields(client))
                         client.wait_timed_out()
                     continue
                 idle = now - client.last_activity
@@ -222,33 +265,68 @@ class ProxyServer:
                     client.fatal("57P05", "terminating connection due to idle-session timeout")
             for pool in self.pools.values():
                 pool.close_idle_older_than(t.server_idle, now)
+            self._drop_retired_pools()
+
+    def _drop_retired_pools(self) -> None:
+        """Close a removed database's backends once none of its clients is left."""
+        for name, pool in list(self.retired_pools.items()):
+            if not any(c.pool is pool for c in self.clients):
+                pool.close_all()
+                del self.retired_pools[name]
+                log.info("database %s: last client gone, pool closed", name)
+
+    def request_shutdown(self, graceful: bool) -> None:
+        """From a signal or the console: start the shutdown, or make a graceful one stop waiting."""
+        if self.stopping:
+            if not graceful:
+                self._hurry.set()
+            return
+        self._spawn(self.shutdown(graceful))
 
     async def shutdown(self, graceful: bool) -> None:
+        """Stop accepting; graceful: let open transactions finish (up to timeouts.shutdown); then close all."""
         if self.stopping:
             return
         self.stopping = True
         for srv in self._servers:
             srv.close()
+        # A new transaction waits in its paused pool and is turned away below; open ones keep their backends.
+        for pool in self.all_pools():
+            pool.paused = True
         if graceful:
-            deadline = time.monotonic() + self.config.timeouts.shutdown
-            log.info("shutting down: waiting up to %.0fs for open transactions", self.config.timeouts.shutdown)
-            while time.monotonic() < deadline:
-                busy = [c for c in self.clients if c.backend is not None or c.pending]
+            timeout = self.config.timeouts.shutdown
+            log.info("shutting down: waiting up to %gs for %d client(s)' open transactions", timeout,
+                     sum(1 for c in self.clients if _in_transaction(c)))
+            deadline = time.monotonic() + timeout
+            while not self._hurry.is_set():
+                busy = 0
                 for c in list(self.clients):
-                    if c.backend is None and not c.pending and c.state == "ready":
-                        c.fatal("57P01", "terminating connection due to administrator command")
-                if not busy:
+                    if _in_transaction(c):
+                        busy += 1
+                    else:
+                        self._terminate(c)
+                if not busy or time.monotonic() >= deadline:
                     break
-                await asyncio.sleep(0.05)
-        for c in list(self.clients):
-            c.fatal("57P01", "terminating connection due to administrator command")
-        for pool in self.pools.values():
+                try:
+                    await asyncio.wait_for(self._hurry.wait(), 0.02)
+                except asyncio.TimeoutError:
+                    pass
+        else:
+            log.info("shutting down now")
+        # Stop the flow from backends, so no client is left with half of a message before its error.
+        for pool in self.all_pools():
+            for be in pool.lent:
+                be.pause_reading(True)
+        left = [c for c in self.clients if not c.closed]
+        if left:
+            log.info("closing %d client connection(s)", len(left))
+        for c in left:
+            self._terminate(c)
+        for pool in self.all_pools():
             pool.close_all()
-        if self.cache is not None:
-            try:
-                await asyncio.wait_for(self.cache.stop(), 10)
-            except Exception as e:
-                log.warning("result cache did not stop cleanly: %s", e)
+        await self._until_clients_gone(2.0)
+        if self.metrics is not None:
+            await self.metrics.stop()
         if self.query_log is not None:
             try:
                 await asyncio.wait_for(self.query_log.stop(), 10)
@@ -256,24 +334,139 @@ class ProxyServer:
                 log.warning("query log did not stop cleanly: %s", e)
         self.stopped.set()
 
+    def _terminate(self, c: ClientSession) -> None:
+        if c.closed:
+            return
+        be = c.backend
+        if be is not None and getattr(be.splitter, "_skip", 0):
+            c.close()   # part of a message is out: an ErrorResponse now would garble the stream
+        else:
+            c.fatal("57P01", "terminating connection due to administrator command")
+
+    async def _until_clients_gone(self, timeout: float) -> None:
+        """Closed transports flush what they were told (the FATAL messages) before the loop stops."""
+        deadline = time.monotonic() + timeout
+        while self.clients and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    # ---------------------------------------------------------------- online configuration changes
+
+    def reload(self) -> str | None:
+        """Re-read the config file and apply it. On a problem the running config stays; returns the problem."""
+        self.last_reload_at = time.time()
+        source = str(self.config_path) if self.config_path else "<environment>"
+        try:
+            new = load_config(self.config_path)
+            if not new.databases:
+                raise ConfigError(f"{source}: databases: no databases configured")
+            reload_auth = getattr(self, "reload_auth", None)
+            if reload_auth is not None:
+                reload_auth(new)    # raises to reject the new config
+        except (ConfigError, OSError, ValueError) as e:
+            self.reloads["failed"] += 1
+            self.last_reload_ok = False
+            log.error("configuration reload rejected, the running configuration stays: %s", e)
+            return str(e)
+        self._apply_config(new)
+        self.reloads["ok"] += 1
+        self.last_reload_ok = True
+        log.info("configuration reloaded from %s", source)
+        return None
+
+    def _apply_config(self, new: Config) -> None:
+        old = self.config
+        for name, db in new.databases.items():
+            size = new.pool_size_for(name)
+            pool = self.pools.get(name) or self.retired_pools.pop(name, None)
+            if pool is None:
+                self.pools[name] = Pool(name, db, size, new.timeouts)
+                log.info("database %s added (pool_size %d)", name, size)
+                continue
+            self.pools[name] = pool
+            if _upstream(pool.db) != _upstream(db):
+                # Backends to the old upstream serve their current transaction, then close.
+                for be in list(pool.all):
+                    be.broken = True
+                for be in list(pool.idle):
+                    be.close()
+                pool.server_params = None
+                log.info("database %s now goes to %s:%s/%s", name, db.host, db.port, db.dbname)
+            pool.db = db
+            pool.timeouts = new.timeouts
+            if pool.size != size:
+                log.info("database %s: pool_size %d -> %d", name, pool.size, size)
+                pool.resize(size)
+        for name in [n for n in self.pools if n not in new.databases]:
+            self.retired_pools[name] = self.pools.pop(name)
+            log.info("database %s removed: new clients are refused, connected ones carry on", name)
+        for key in ("listen", "query_log", "cache"):
+            if getattr(old, key) != getattr(new, key):
+                log.warning("%s changed: takes effect at the next restart", key)
+        self.admin = self.console if new.admin.database else None
+        self.config = new
+        if (old.log_level, old.log_format) != (new.log_level, new.log_format):
+            setup_logging(new.log_level, new.log_format)
+        if old.admin.http_listen != new.admin.http_listen:
+            self._spawn(self._restart_metrics())
+        self._drop_retired_pools()
+
+
+def _upstream(db) -> dict:
+    """What identifies an upstream connection (everything but the pool size)."""
+    return db.model_dump(exclude={"pool_size"})
+
+
+def _in_transaction(c: ClientSession) -> bool:
+    """A client with a request in flight or an open transaction; waiting for a backend does not count."""
+    return c.state == "ready" and not c.closed and bool(c.pending or c.txn_status != b"I")
+
 
 # -------------------------------------------------------------------- process entry point
+
+# Structured fields a log line may carry (logging's `extra=`): they tie a client, its backend and its queries
+# together. JSON lines carry them as keys; plain lines end with key=value pairs.
+LOG_FIELDS = ("client", "backend", "user", "database", "addr", "application_name", "sqlstate", "duration_s",
+              "bytes_in", "bytes_out")
+
+
+def client_fields(client: ClientSession, **more) -> dict:
+    """The log fields of a client connection (for `extra=`)."""
+    be = client.backend
+    fields = {"client": client.id, "backend": be.pid if be is not None else None, "user": client.user or None,
+              "database": client.database or None, "addr": client.client_addr}
+    fields.update(more)
+    return fields
+
+
+def _fields(record: logging.LogRecord) -> dict:
+    return {k: v for k in LOG_FIELDS if (v := getattr(record, k, None)) is not None and v != ""}
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
                "msg": record.getMessage()}
+        doc.update(_fields(record))
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc)
 
 
+class _PlainFormatter(logging.Formatter):
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = _fields(record)
+        if fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return line
+
+
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _PlainFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -291,8 +484,9 @@ async def serve(config: Config, config_path: str | None = None) -> int:
     server = ProxyServer(config, config_path)
     await server.start()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(server.shutdown(graceful=True)))
-    loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(server.shutdown(graceful=False)))
+    loop.add_signal_handler(signal.SIGTERM, server.request_shutdown, True)
+    loop.add_signal_handler(signal.SIGINT, server.request_shutdown, False)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     await server.stopped.wait()
     log.info("pgpilot stopped")
     return 0
