@@ -1,0 +1,251 @@
+"""Estimated costs of statements under hypothetical index configurations, with HypoPG.
+
+One WhatIf owns one connection to the target database. It keeps the session's hypothetical indexes equal to
+the configuration being asked about (creating and dropping only the difference), can hide real indexes
+(hypopg_hide_index), and caches every answer by (instance, relevant indexes). Nothing it does is visible to
+other sessions: hypothetical indexes live in this backend's memory only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+
+from advisors.catalog import Catalog, quote_ident
+from advisors.workload import Instance, render_literal
+
+log = logging.getLogger("pgpilot.advisors")
+
+_HYPO_NAME = re.compile(r"^<(\d+)>")
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A B-tree index that could exist: key columns, INCLUDE columns, an optional partial predicate."""
+    table: str                            # qualified name, catalog key
+    columns: tuple[str, ...]
+    include: tuple[str, ...] = ()
+    where: str | None = None
+    table_sql: str = field(default="", compare=False)
+
+    def column_list(self) -> str:
+        return ", ".join(quote_ident(c) for c in self.columns)
+
+    def body(self) -> str:
+        """Everything after the index name: ON table USING btree (...) INCLUDE (...) WHERE ..."""
+        sql = f"ON {self.table_sql or self.table} USING btree ({self.column_list()})"
+        if self.include:
+            sql += " INCLUDE (" + ", ".join(quote_ident(c) for c in self.include) + ")"
+        if self.where:
+            sql += f" WHERE {self.where}"
+        return sql
+
+    def create_sql(self, name: str | None = None, concurrently: bool = True) -> str:
+        head = "CREATE INDEX CONCURRENTLY" if concurrently else "CREATE INDEX"
+        return f"{head} {quote_ident(name)} {self.body()}" if name else f"{head} {self.body()}"
+
+    def describe(self) -> str:
+        text = f"{self.table}({', '.join(self.columns)})"
+        if self.include:
+            text += f" INCLUDE ({', '.join(self.include)})"
+        if self.where:
+            text += f" WHERE {self.where}"
+        return text
+
+    def default_name(self) -> str:
+        base = self.table.rsplit(".", 1)[-1] + "_" + "_".join(self.columns)
+        if self.include:
+            base += "_incl"
+        if self.where:
+            base += "_part"
+        base = re.sub(r"[^a-z0-9_]", "_", base.lower())
+        if len(base) > 59:
+            import hashlib
+            base = base[:50] + "_" + hashlib.sha1(base.encode()).hexdigest()[:8]
+        return base + "_idx"
+
+
+class WhatIf:
+    """Plans statements on `conn` with a chosen set of hypothetical indexes (and hidden real ones)."""
+
+    def __init__(self, conn, catalog: Catalog, statement_timeout_ms: int = 30_000):
+        self.conn = conn
+        self.catalog = catalog
+        self._hypo: dict[IndexSpec, int] = {}
+        self._hidden: set[int] = set()
+        self._costs: dict[tuple, float | None] = {}
+        self._sizes: dict[IndexSpec, int] = {}
+        self._forms: dict[str, tuple | None] = {}
+        self.explains = 0
+        exists = conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'hypopg'").fetchone()[0]
+        if not exists:
+            log.info("creating extension hypopg (hypothetical indexes; no data, no table locks)")
+            conn.execute("CREATE EXTENSION IF NOT EXISTS hypopg")
+        conn.execute("SELECT hypopg_reset()")
+        self.can_hide = bool(conn.execute(
+            "SELECT count(*) FROM pg_proc WHERE proname = 'hypopg_hide_index'").fetchone()[0])
+        conn.execute(f"SET statement_timeout = {int(statement_timeout_ms)}")
+        # Plans are compared with and without indexes: parallel plans add noise, not information.
+        conn.execute("SET max_parallel_workers_per_gather = 0")
+
+    # -- configurations ------------------------------------------------------------------------------------
+    def _apply(self, config: frozenset[IndexSpec], hidden: frozenset[int]) -> None:
+        for spec in [s for s in self._hypo if s not in config]:
+            self.conn.execute("SELECT hypopg_drop_index(%s)", (self._hypo.pop(spec),))
+        for spec in config:
+            if spec not in self._hypo:
+                self._hypo[spec] = self._create(spec)
+        if self.can_hide:
+            for oid in self._hidden - hidden:
+                self.conn.execute("SELECT hypopg_unhide_index(%s)", (oid,))
+            for oid in hidden - self._hidden:
+                self.conn.execute("SELECT hypopg_hide_index(%s)", (oid,))
+            self._hidden = set(hidden)
+
+    def _create(self, spec: IndexSpec) -> int:
+        row = self.conn.execute("SELECT indexrelid FROM hypopg_create_index(%s)",
+                                (spec.create_sql(concurrently=False),)).fetchone()
+        return row[0]
+
+    def size(self, spec: IndexSpec) -> int:
+        """HypoPG's estimate of the index's size in bytes."""
+        if spec not in self._sizes:
+            if spec in self._hypo:
+                oid = self._hypo[spec]
+                self._sizes[spec] = self.conn.execute("SELECT hypopg_relation_size(%s)", (oid,)).fetchone()[0]
+            else:
+                oid = self._create(spec)
+                self._sizes[spec] = self.conn.execute("SELECT hypopg_relation_size(%s)", (oid,)).fetchone()[0]
+                self.conn.execute("SELECT hypopg_drop_index(%s)", (oid,))
+        return self._sizes[spec]
+
+    def spec_of(self, index_name: str) -> IndexSpec | None:
+        m = _HYPO_NAME.match(index_name)
+        if not m:
+            return None
+        oid = int(m.group(1))
+        for spec, o in self._hypo.items():
+            if o == oid:
+                return spec
+        return None
+
+    # -- planning ------------------------------------------------------------------------------------------
+    def relevant(self, inst: Instance, config) -> frozenset[IndexSpec]:
+        return frozenset(s for s in config if s.table in inst.tables)
+
+    def cost(self, inst: Instance, config=frozenset(), hidden=frozenset()) -> float | None:
+        """Total estimated cost of `inst` with `config` hypothetical and `hidden` real indexes hidden."""
+        rel = self.relevant(inst, config)
+        hid = frozenset(hidden)
+        key = (inst.key, rel, hid)
+        if key not in self._costs:
+            plan = self.plan(inst, rel, hid)
+            self._costs[key] = plan["Total Cost"] if plan is not None else None
+        return self._costs[key]
+
+    def plan(self, inst: Instance, config=frozenset(), hidden=frozenset()) -> dict | None:
+        """The top plan node (EXPLAIN FORMAT JSON) of `inst` under a configuration, or None if it cannot plan."""
+        self._apply(self.relevant(inst, config), frozenset(hidden))
+        form = self._form(inst)
+        if form is None:
+            return None
+        try:
+            return self._explain(form)
+        except Exception as e:  # a statement that planned once may still time out
+            log.debug("explain failed: %s", e)
+            self._rollback()
+            return None
+
+    def used_indexes(self, plan: dict) -> list[str]:
+        found = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                if "Index Name" in node:
+                    found.append(node["Index Name"])
+                for v in node.values():
+                    walk(v)
+            elif isinstance(node, list):
+                for v in node:
+                    walk(v)
+        walk(plan)
+        return found
+
+    def _form(self, inst: Instance) -> tuple | None:
+        """How to EXPLAIN an instance, found once by trying the candidate renderings in order."""
+        if inst.key in self._forms:
+            return self._forms[inst.key]
+        attempts: list[tuple] = []
+        if inst.params is None and inst.source != "generic":
+            attempts.append(("sql", inst.sql))
+        elif inst.params is not None:
+            attempts.append(("sql", render_literal(inst.sql, inst.params, inst.param_columns)))
+            attempts.append(("sql", render_literal(inst.sql, inst.params, {}, quote_all=True)))
+            attempts.append(("custom", inst.sql, self._types(inst), inst.params))
+        else:
+            attempts.append(("generic", inst.sql, ()))
+            attempts.append(("generic", inst.sql, self._types(inst)))
+        form = None
+        for attempt in attempts:
+            try:
+                self._explain(attempt)
+                form = attempt
+                break
+            except Exception as e:
+                log.debug("cannot plan %s as %s: %s", inst.sql[:60], attempt[0], e)
+                self._rollback()
+        if form is None:
+            log.info("cannot plan template: %s", " ".join(inst.sql.split())[:100])
+        self._forms[inst.key] = form
+        return form
+
+    def _types(self, inst: Instance) -> tuple[str, ...]:
+        """PREPARE parameter types: the compared column's type where known, else numeric."""
+        from advisors.workload import max_param
+        n = max_param(inst.sql)
+        return tuple(inst.param_columns.get(i, "numeric") for i in range(1, n + 1))
+
+    def _rollback(self) -> None:
+        try:
+            self.conn.execute("DEALLOCATE ALL")
+        except Exception:
+            pass
+
+    def _explain(self, form: tuple) -> dict:
+        self.explains += 1
+        if form[0] == "sql":
+            row = self.conn.execute("EXPLAIN (FORMAT JSON) " + form[1]).fetchone()
+            return _top(row[0])
+        kind, sql, types = form[0], form[1], form[2]
+        type_list = f"({', '.join(types)})" if types else ""
+        self.conn.execute(f"PREPARE pgpilot_whatif{type_list} AS {sql}")
+        try:
+            nparams = self.conn.execute(
+                "SELECT cardinality(parameter_types) FROM pg_prepared_statements WHERE name = 'pgpilot_whatif'"
+            ).fetchone()[0]
+            if kind == "generic":
+                self.conn.execute("SET plan_cache_mode = force_generic_plan")
+                args = ", ".join(["NULL"] * nparams)
+            else:
+                self.conn.execute("SET plan_cache_mode = force_custom_plan")
+                values = list(form[3]) + [None] * max(0, nparams - len(form[3]))
+                args = ", ".join("NULL" if v is None else "'" + v.replace("'", "''") + "'" for v in values[:nparams])
+            row = self.conn.execute(
+                f"EXPLAIN (FORMAT JSON) EXECUTE pgpilot_whatif{'(' + args + ')' if nparams else ''}").fetchone()
+            return _top(row[0])
+        finally:
+            self.conn.execute("DEALLOCATE pgpilot_whatif")
+            self.conn.execute("RESET plan_cache_mode")
+
+    def close(self) -> None:
+        try:
+            self._apply(frozenset(), frozenset())
+            self.conn.execute("SELECT hypopg_reset()")
+        except Exception:
+            pass
+
+
+def _top(explain_json) -> dict:
+    data = explain_json if isinstance(explain_json, list) else json.loads(explain_json)
+    return data[0]["Plan"]
