@@ -89,7 +89,22 @@ class LearningConfig(_Section):
 
 
 class AdvisorsConfig(_Section):
-    storage_budget: str = "500MB"
+    storage_budget: str = "500MB"               # new indexes may take this much space ("25%": of the tables read)
+    workload_window_days: float = Field(7.0, gt=0)  # how much of the query log to read
+    min_calls: int = Field(1, ge=1)             # templates seen fewer times are ignored
+    instances_per_template: int = Field(3, ge=1)  # sampled instances planned per template
+    synthesize_parameters: bool = True          # without logged values, draw them from pg_stats (else generic plans)
+    max_index_columns: int = Field(4, ge=1)     # key columns per advised index
+    max_include_columns: int = Field(4, ge=0)   # INCLUDE columns per covering candidate (0: none)
+    index_write_cost: float = Field(0.5, ge=0)  # planner cost units per written row per index
+    min_benefit_fraction: float = Field(0.005, ge=0)  # an index must save this share of the workload cost
+    partial_min_share: float = Field(0.8, gt=0, le=1)  # a constant seen this often makes a partial index candidate
+    unused_min_days: float = Field(7.0, ge=0)   # statistics younger than this make drop advice low-confidence
+    partition_min_table_bytes: str = "1GB"      # smaller tables are partitioned only for retention
+    partition_min_rows: int = Field(10_000, ge=1)  # rows per partition below which partitions get coarser
+    partition_max_partitions: int = Field(1000, ge=1)
+    partition_ahead: int = Field(3, ge=0)       # partitions created ahead of the newest data
+    partition_sample_percent: float = Field(2.0, gt=0, le=100)  # rows copied to check a layout
 
 
 class Config(_Section):
