@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import heapq
+import io
 import ipaddress
 import json
 import logging
@@ -158,6 +159,70 @@ class _Batch:
         self.templates = templates
         self.events = events            # submitted events this batch settles
         self.replay = replay
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+class CopyTextEncoder:
+    """Rows as COPY text format, with the repeating parts (names, table lists, the second of ts) cached.
+
+    asyncpg's binary COPY spends most of its time encoding (inet parsing, array checks); this is ~3x cheaper.
+    """
+
+    def __init__(self):
+        self._text: dict[str, str] = {}
+        self._arrays: dict[tuple, str] = {}
+        self._seconds: dict[int, str] = {}
+
+    def encode(self, rows: list[tuple]) -> bytes:
+        text, array, second = self._text_field, self._array_field, self._seconds
+        lines = []
+        for (ts, duration, wait, fp, kind, read, written, nrows, nbytes, sqlstate, database, username, app, addr,
+             pid, xact, in_xact, protocol, cache_outcome, rewrite, score, proxy_id, params) in rows:
+            whole = int(ts)
+            prefix = second.get(whole)
+            if prefix is None:
+                if len(second) > 4096:
+                    second.clear()
+                prefix = second[whole] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
+            lines.append("\t".join((
+                f"{prefix}.{int((ts - whole) * 1e6):06d}+00", str(duration), str(wait), text(fp), text(kind),
+                array(read), array(written), "\\N" if nrows is None else str(nrows), str(nbytes),
+                "\\N" if sqlstate is None else text(sqlstate), text(database), text(username), text(app),
+                "\\N" if addr is None else text(addr), "\\N" if pid is None else str(pid),
+                "\\N" if xact is None else str(xact), "\\N" if in_xact is None else ("t" if in_xact else "f"),
+                text(protocol), text(cache_outcome), text(rewrite), "\\N" if score is None else repr(score),
+                text(proxy_id), "\\N" if params is None else _array_literal(params).translate(_COPY_ESCAPES))))
+        lines.append("")
+        return "\n".join(lines).encode("utf-8", "replace")
+
+    def _text_field(self, value) -> str:
+        if value is None:
+            return "\\N"
+        escaped = self._text.get(value)
+        if escaped is None:
+            if len(self._text) > 10_000:
+                self._text.clear()
+            escaped = self._text[value] = str(value).translate(_COPY_ESCAPES)
+        return escaped
+
+    def _array_field(self, names) -> str:
+        if names is None:
+            return "\\N"
+        key = tuple(names)
+        literal = self._arrays.get(key)
+        if literal is None:
+            if len(self._arrays) > 10_000:
+                self._arrays.clear()
+            literal = self._arrays[key] = _array_literal(key).translate(_COPY_ESCAPES)
+        return literal
+
+
+def _array_literal(values) -> str:
+    """A text[] literal: every element quoted, NULL for None."""
+    return "{" + ",".join("NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                          for v in values) + "}"
 
 
 class _TransientStoreError(Exception):
@@ -316,7 +381,8 @@ class QueryLog:
         self._settled = 0             # submitted events now written, spooled or dropped
         self._spool = Spool(cfg.spool_dir, proxy_id, cfg.spool_max_bytes)
         self._outbox: deque[_Batch] = deque()
-        self._outbox_ready = asyncio.Event()
+        self._outbox_ready = asyncio.Event()   # set when a batch joins the outbox (or to wake the store task)
+        self._outbox_space = asyncio.Event()   # set when a batch leaves it
         self._inflight: _Batch | None = None
         self._conn = None
         self._conn_lock = asyncio.Lock()
@@ -326,6 +392,7 @@ class QueryLog:
         self._next_maintenance = 0.0
         self._next_refresh = 0.0
         self._addr_cache: dict[str, str | None] = {}
+        self._encoder = CopyTextEncoder()
         self._closing = False         # stop(): the analyser drains the queue and ends
         self._store_closing = False   # stop(), once the analyser is done: the store task drains the outbox and ends
         self._tasks: list[asyncio.Task] = []
@@ -408,6 +475,16 @@ class QueryLog:
         self._spool.close()
         log.info("query log stopped: %s", self.stats())
 
+    async def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Wait until the writer is connected to the store (for readiness checks); False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._conn is None:
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
     async def flush(self, timeout: float = 30.0, include_spool: bool = False) -> bool:
         """Wait until every event submitted so far is written, spooled or dropped (and, with include_spool,
         until the spool is replayed). Returns False on timeout."""
@@ -455,7 +532,7 @@ class QueryLog:
                     self._settled += n
                     self._note_dropped(n, "analysis failed")
                     continue
-                self._hand_over(batch)
+                await self._hand_over(batch)
 
     async def _analyse(self, events: list[QueryEvent]) -> _Batch:
         rows: list[tuple] = []
@@ -512,11 +589,13 @@ class QueryLog:
         if addr is not None:
             cache = self._addr_cache
             addr = cache[addr] if addr in cache else self._check_addr(addr)
+        pid, xact, in_xact = ev.backend_pid, ev.xact_id, ev.in_transaction
+        # Coerced here so that one odd event is dropped on its own rather than making the store refuse a batch.
         return (float(ts), duration, wait, s.fingerprint, s.kind, s.tables_read, s.tables_written,
                 None if rows is None else int(rows), nbytes, sqlstate, ev.database, ev.username,
-                ev.application_name, addr, ev.backend_pid, ev.xact_id, ev.in_transaction, ev.protocol,
-                ev.cache_outcome, ev.rewrite, None if ev.anomaly_score is None else float(ev.anomaly_score),
-                self.proxy_id, params)
+                ev.application_name, addr, None if pid is None else int(pid), None if xact is None else int(xact),
+                None if in_xact is None else bool(in_xact), ev.protocol, ev.cache_outcome, ev.rewrite,
+                None if ev.anomaly_score is None else float(ev.anomaly_score), self.proxy_id, params)
 
     def _check_addr(self, addr: str) -> str | None:
         try:
@@ -560,11 +639,20 @@ class QueryLog:
         templates[s.fingerprint] = [s.normalized, s.kind, list(s.tables_read), list(s.tables_written), sample,
                                     ts, ts]
 
-    def _hand_over(self, batch: _Batch) -> None:
+    async def _hand_over(self, batch: _Batch) -> None:
         if not batch.rows:
             self._settled += batch.events
             return
-        # While the store is known to be away, or too slow to keep up, batches go straight to the spool.
+        # A busy store gets up to write_timeout to make room (events wait in the queue meanwhile);
+        # a store known to be away, or too slow for that, sends batches straight to the spool.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.write_timeout
+        while not self._store_down and len(self._outbox) >= _OUTBOX_BATCHES and loop.time() < deadline:
+            self._outbox_space.clear()
+            try:
+                await asyncio.wait_for(self._outbox_space.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
         if not self._store_down and len(self._outbox) < _OUTBOX_BATCHES:
             self._outbox.append(batch)
             self._outbox_ready.set()
@@ -612,6 +700,7 @@ class QueryLog:
             try:
                 if self._outbox:
                     batch = self._inflight = self._outbox.popleft()
+                    self._outbox_space.set()
                     await self._ship(batch)
                     self._inflight = None
                     self.written += len(batch.rows)
@@ -648,6 +737,7 @@ class QueryLog:
                     self._inflight = None
                 while self._outbox:
                     self._spool_batch(self._outbox.popleft())
+                self._outbox_space.set()
 
     async def _pause(self, seconds: float) -> None:
         self._outbox_ready.clear()
@@ -658,6 +748,7 @@ class QueryLog:
         # Batches that arrived while the store is away go to the spool without waiting for it.
         while self._outbox:
             self._spool_batch(self._outbox.popleft())
+        self._outbox_space.set()
 
     def _store_unavailable(self, e: Exception) -> None:
         if not self._store_down:
@@ -748,10 +839,9 @@ class QueryLog:
                          dt.datetime.fromtimestamp(t[6], _UTC), t[4]) for fp, t in new])
                 # Several COPYs of a bounded size, so encoding never holds the event loop for long.
                 for start in range(0, len(rows), _COPY_ROWS):
-                    records = [(dt.datetime.fromtimestamp(r[0], _UTC),) + r[1:]
-                               for r in rows[start:start + _COPY_ROWS]]
-                    await conn.copy_records_to_table("query_events", schema_name="pgpilot", columns=COLUMNS,
-                                                     records=records)
+                    data = self._encoder.encode(rows[start:start + _COPY_ROWS])
+                    await conn.copy_to_table("query_events", schema_name="pgpilot", columns=COLUMNS,
+                                             source=io.BytesIO(data), format="text")
         self._known.update(fp for fp, _ in new)
         if len(self._known) > 200_000:
             self._known = {fp for fp, _ in new}

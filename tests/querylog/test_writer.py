@@ -1,0 +1,224 @@
+"""The query log writer against a real log store: every event lands once, templates, literals, partitions."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+
+import psycopg
+
+from proxy.analysis import analyze_uncached
+from proxy.logstore import ensure_schema_sync, partition_name
+from proxy.querylog import QueryLog
+from tests.querylog.conftest import fetch, make_config, make_event
+
+
+async def _log_all(cfg, dsn, events, proxy_id="p1") -> QueryLog:
+    log = QueryLog(cfg, dsn, proxy_id)
+    await log.start()
+    for ev in events:
+        log.submit(ev)
+    assert await log.flush(timeout=30)
+    await log.stop()
+    return log
+
+
+def _mixed_events(n):
+    events = []
+    for i in range(n):
+        if i % 3 == 0:
+            events.append(make_event(f"SELECT abalance FROM pgbench_accounts WHERE aid = {i}", i, rows=1))
+        elif i % 3 == 1:
+            events.append(make_event(f"UPDATE pgbench_accounts SET abalance = abalance + {i} WHERE aid = {i}", i,
+                                     rows=i % 2))
+        else:
+            events.append(make_event("INSERT INTO pgbench_history (aid) VALUES ($1)", i, rows=None,
+                                     sqlstate="23505", protocol="extended", parameters=[str(i)]))
+    return events
+
+
+def test_every_event_lands_exactly_once_with_its_facts(tmp_path, store_dsn):
+    events = _mixed_events(600)
+    log = asyncio.run(_log_all(make_config(tmp_path, batch_size=100), store_dsn, events))
+
+    got = fetch(store_dsn, "SELECT xact_id, fingerprint, kind, rows, sqlstate, tables_read, tables_written, "
+                           "protocol, proxy_id FROM pgpilot.query_events ORDER BY xact_id")
+    expected = []
+    for ev in events:
+        info = analyze_uncached(ev.sql)
+        expected.append((ev.xact_id, info.fingerprint, info.kind, ev.rows, ev.sqlstate, list(info.tables_read),
+                         list(info.tables_written), ev.protocol, "p1"))
+    assert got == expected
+    assert (log.submitted, log.written, log.spooled, log.dropped) == (600, 600, 0, 0)
+
+
+def test_templates_hold_one_row_per_fingerprint_across_writers(tmp_path, store_dsn):
+    events = _mixed_events(30)
+    asyncio.run(_log_all(make_config(tmp_path), store_dsn, events[:15], proxy_id="p1"))
+    asyncio.run(_log_all(make_config(tmp_path), store_dsn, events[15:], proxy_id="p2"))
+
+    rows = fetch(store_dsn, "SELECT fingerprint, normalized_sql, kind, tables_read, tables_written, "
+                            "first_seen <= last_seen FROM pgpilot.templates ORDER BY kind")
+    assert rows == [
+        (analyze_uncached(events[2].sql).fingerprint, "INSERT INTO pgbench_history (aid) VALUES ($1)", "insert",
+         [], ["pgbench_history"], True),
+        (analyze_uncached(events[0].sql).fingerprint, "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+         "select", ["pgbench_accounts"], [], True),
+        (analyze_uncached(events[1].sql).fingerprint,
+         "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2", "update", [],
+         ["pgbench_accounts"], True),
+    ]
+
+
+def test_templates_last_seen_follows_the_latest_event(tmp_path, store_dsn):
+    sql = "SELECT 1 FROM pgbench_branches WHERE bid = 1"
+    early, late = time.time() - 3600, time.time()
+    cfg = make_config(tmp_path, templates_refresh_interval=0.05)
+    asyncio.run(_log_all(cfg, store_dsn, [make_event(sql, 1, ts=early)]))
+
+    async def later():
+        log = QueryLog(cfg, store_dsn, "p1")
+        await log.start()
+        await log.flush()
+        log.submit(make_event(sql, 2, ts=late))   # the template is known by now: only last_seen moves
+        await log.flush()
+        await log.stop()
+    asyncio.run(later())
+
+    first_seen, last_seen = fetch(store_dsn, "SELECT extract(epoch FROM first_seen), extract(epoch FROM last_seen) "
+                                             "FROM pgpilot.templates")[0]
+    assert abs(float(first_seen) - early) < 0.01 and abs(float(last_seen) - late) < 0.01
+
+
+SECRET = "hunter2-secret"
+
+
+def _secret_events():
+    return [
+        make_event(f"SELECT id FROM users WHERE password = '{SECRET}'", 1),
+        make_event("SELECT id FROM users WHERE password = $1", 2, protocol="extended", parameters=[SECRET]),
+        make_event(f"UPDATE users SET password = '{SECRET}' WHERE id = 7; SELECT 1", 3, stmt_index=0),
+        make_event(f"SELEC broken '{SECRET}'", 4),
+    ]
+
+
+def test_no_literal_is_stored_with_parameters_off(tmp_path, store_dsn):
+    asyncio.run(_log_all(make_config(tmp_path, parameters=False), store_dsn, _secret_events()))
+
+    leaks = fetch(store_dsn, "SELECT (SELECT count(*) FROM pgpilot.query_events e WHERE e::text LIKE %s) + "
+                             "(SELECT count(*) FROM pgpilot.templates t WHERE t::text LIKE %s)",
+                  f"%{SECRET}%", f"%{SECRET}%")
+    assert leaks == [(0,)]
+    assert fetch(store_dsn, "SELECT count(*) FROM pgpilot.query_events WHERE parameters IS NULL") == [(4,)]
+    assert fetch(store_dsn, "SELECT count(*), count(sample_sql) FROM pgpilot.templates") == [(3, 0)]
+
+
+def test_literals_are_stored_with_parameters_on(tmp_path, store_dsn):
+    asyncio.run(_log_all(make_config(tmp_path, parameters=True), store_dsn, _secret_events()))
+
+    params = fetch(store_dsn, "SELECT xact_id, parameters FROM pgpilot.query_events ORDER BY xact_id")
+    assert params[:3] == [(1, [SECRET]), (2, [SECRET]), (3, [SECRET, "7"])]
+    samples = fetch(store_dsn, "SELECT sample_sql FROM pgpilot.templates WHERE kind = 'update'")
+    assert samples == [(f"UPDATE users SET password = '{SECRET}' WHERE id = 7",)]
+
+
+def test_an_event_with_stmt_index_logs_that_statement_of_the_text(tmp_path, store_dsn):
+    text = "BEGIN; UPDATE acc SET bal = bal - 5 WHERE id = 3; COMMIT"
+    events = [make_event(text, 10 + i, stmt_index=i, duration_us=100 * (i + 1), rows=None if i != 1 else 1)
+              for i in range(3)]
+    asyncio.run(_log_all(make_config(tmp_path), store_dsn, events))
+
+    rows = fetch(store_dsn, "SELECT e.kind, e.duration_us, e.rows, t.normalized_sql FROM pgpilot.query_events e "
+                            "JOIN pgpilot.templates t USING (fingerprint) ORDER BY xact_id")
+    assert rows == [("transaction", 100, None, "BEGIN"),
+                    ("update", 200, 1, "UPDATE acc SET bal = bal - $1 WHERE id = $2"),
+                    ("transaction", 300, None, "COMMIT")]
+
+
+def test_a_multi_statement_event_without_index_is_split_keeping_its_totals(tmp_path, store_dsn):
+    text = "SELECT 1; SELECT a FROM t1; DELETE FROM t2 WHERE id = 4"
+    event = make_event(text, 1, duration_us=1001, bytes_out=300, wait_us=50, rows=2, sqlstate="42P01")
+    log = asyncio.run(_log_all(make_config(tmp_path), store_dsn, [event]))
+
+    rows = fetch(store_dsn, "SELECT kind, duration_us, bytes_out, wait_us, rows, sqlstate "
+                            "FROM pgpilot.query_events ORDER BY duration_us, kind DESC")
+    assert rows == [("select", 333, 100, 50, None, None), ("select", 333, 100, 0, None, None),
+                    ("delete", 335, 100, 0, 2, "42P01")]
+    assert (log.submitted, log.written) == (1, 3)
+
+
+def test_retention_drops_partitions_older_than_retention_days(tmp_path, store_dsn):
+    today = dt.datetime.now(dt.timezone.utc).date()
+    old, recent = today - dt.timedelta(days=30), today - dt.timedelta(days=3)
+
+    async def maintain():
+        log = QueryLog(make_config(tmp_path, retention_days=14), store_dsn, "p1")
+        await log.start()
+        assert await log.wait_ready()
+        with psycopg.connect(store_dsn, autocommit=True) as conn:
+            ensure_schema_sync(conn, extra_days=[old, recent])
+        dropped = await log.run_maintenance()
+        await log.stop()
+        return dropped
+    dropped = asyncio.run(maintain())
+
+    partitions = {name for (name,) in fetch(store_dsn, "SELECT c.relname FROM pg_inherits i JOIN pg_class c "
+                                                        "ON c.oid = i.inhrelid "
+                                                        "WHERE i.inhparent = 'pgpilot.query_events'::regclass")}
+    assert dropped == [partition_name(old)]
+    assert partition_name(old) not in partitions
+    assert {partition_name(recent), partition_name(today), partition_name(today + dt.timedelta(days=1))} <= partitions
+
+
+def test_events_of_a_day_without_partition_get_one(tmp_path, store_dsn):
+    five_days_ago = time.time() - 5 * 86400
+    asyncio.run(_log_all(make_config(tmp_path), store_dsn, [make_event("SELECT 1", 1, ts=five_days_ago)]))
+
+    day = dt.datetime.fromtimestamp(five_days_ago, dt.timezone.utc).date()
+    assert fetch(store_dsn, f"SELECT count(*) FROM pgpilot.{partition_name(day)}") == [(1,)]
+
+
+def test_events_older_than_retention_are_dropped_and_counted(tmp_path, store_dsn):
+    events = [make_event("SELECT 1", 1, ts=time.time() - 40 * 86400), make_event("SELECT 1", 2)]
+    log = asyncio.run(_log_all(make_config(tmp_path, retention_days=14), store_dsn, events))
+
+    assert fetch(store_dsn, "SELECT xact_id FROM pgpilot.query_events") == [(2,)]
+    assert (log.written, log.dropped) == (1, 1)
+
+
+def test_a_malformed_event_is_dropped_and_counted_without_harming_the_others(tmp_path, store_dsn):
+    events = [make_event("SELECT 1", 1), make_event(None, 2), make_event("SELECT 2", 3, duration_us="soon")]
+    events.insert(1, object())
+    log = asyncio.run(_log_all(make_config(tmp_path), store_dsn, events + [make_event("SELECT 3", 4)]))
+
+    assert fetch(store_dsn, "SELECT xact_id FROM pgpilot.query_events ORDER BY 1") == [(1,), (4,)]
+    assert (log.submitted, log.written, log.dropped) == (5, 2, 3)
+
+
+def test_query_stats_follow_the_written_events(tmp_path, store_dsn):
+    events = [make_event(f"SELECT * FROM t WHERE id = {i}", i, duration_us=1000 * (i + 1)) for i in range(20)]
+    events.append(make_event("SELECT * FROM u", 99, duration_us=50, sqlstate="42P01"))
+    log = asyncio.run(_log_all(make_config(tmp_path), store_dsn, events))
+
+    hottest, other = log.query_stats.top(2, by="total_time")
+    assert (hottest["query"], hottest["calls"], hottest["total_ms"], hottest["errors"]) == \
+        ("SELECT * FROM t WHERE id = $1", 20, 210.0, 0)
+    assert (other["query"], other["calls"], other["errors"]) == ("SELECT * FROM u", 1, 1)
+
+
+def test_awkward_text_survives_the_trip_to_the_store(tmp_path, store_dsn):
+    app_name = 'tab\there\nnew\\line "quoted" {braces}'
+    params = ["a\tb", None, 'x"y\\z', "{}", "NULL", "ünï"]
+    event = make_event('SELECT * FROM "we,ird""name" JOIN "back\\slash" ON true WHERE a = $1', 1,
+                       protocol="extended", parameters=params, application_name=app_name, database="d\\b",
+                       username="ünïcode", client_addr="::1", anomaly_score=0.25, cache_outcome="bypass:volatile")
+    asyncio.run(_log_all(make_config(tmp_path, parameters=True), store_dsn, [event]))
+
+    assert fetch(store_dsn, "SELECT application_name, database, username, host(client_addr), parameters, "
+                            "tables_read, anomaly_score, cache_outcome FROM pgpilot.query_events") == [
+        (app_name, "d\\b", "ünïcode", "::1", params, ['we,ird"name', "back\\slash"], 0.25, "bypass:volatile")]
+
+
+def test_a_client_address_that_is_not_an_ip_is_stored_as_null(tmp_path, store_dsn):
+    asyncio.run(_log_all(make_config(tmp_path), store_dsn, [make_event("SELECT 1", 1, client_addr="/tmp/.s.5432")]))
+    assert fetch(store_dsn, "SELECT client_addr FROM pgpilot.query_events") == [(None,)]
