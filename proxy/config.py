@@ -73,10 +73,17 @@ class CacheConfig(_Section):
 
 
 class AdminConfig(_Section):
-    database: str = "pgpilot"
-    admin_users: list[str] = Field(default_factory=lambda: ["postgres"])
-    stats_users: list[str] = Field(default_factory=list)
-    http_listen: str | None = "127.0.0.1:9930"   # Prometheus /metrics, /healthz, /readyz
+    database: str | None = "pgpilot"             # the admin console's virtual database (None: no console)
+    admin_users: list[str] = Field(default_factory=lambda: ["postgres"])   # may run every console command
+    stats_users: list[str] = Field(default_factory=list)                   # may run SHOW commands only
+    http_listen: str | None = "127.0.0.1:9930"   # Prometheus /metrics, /healthz, /readyz (None: off)
+
+    @field_validator("http_listen")
+    @classmethod
+    def _http_listen_is_host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_host_port(v)
+        return v
 
 
 class LearningConfig(_Section):
@@ -112,10 +119,13 @@ class Config(_Section):
     pool_mode: Literal["session", "transaction"] = "transaction"
     pool_size: int = Field(20, ge=1)
     max_client_conn: int = Field(1000, ge=1)
+    max_client_conn_per_user: int = Field(0, ge=0)      # client connections per user name (0: no cap)
+    max_client_conn_per_database: int = Field(0, ge=0)  # client connections per database (0: no cap)
     reset_query: str = "DISCARD ALL"
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["plain", "json"] = "plain"
+    log_connections: bool = True    # a line per client connect and disconnect
     timeouts: Timeouts = Field(default_factory=Timeouts)
     databases: dict[str, Database] = Field(default_factory=dict)
     query_log: QueryLogConfig = Field(default_factory=QueryLogConfig)

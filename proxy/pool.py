@@ -380,3 +380,19 @@ class Pool:
     def counts(self) -> dict[str, int]:
         return {"idle": len(self.idle), "active": len(self.lent), "total": len(self.all),
                 "connecting": self.connecting, "waiting": sum(1 for c in self.waiters if not c.closed)}
+
+    # -------------------------------------------------------------------- run-time changes (admin console, reload)
+
+    def resume(self) -> None:
+        """Lift a pause: idle backends go to the waiting clients, and backends are opened for the rest."""
+        self.paused = False
+        while self.waiters and self.idle:
+            self.release(self.idle.pop())
+        self._refill()
+
+    def resize(self, size: int) -> None:
+        """A new pool size: extra idle backends close now, lent ones when released; waiters get new ones."""
+        self.size = size
+        while len(self.all) > size and self.idle:
+            self.idle.popleft().close()
+        self._refill()

@@ -329,6 +329,8 @@ class ClientSession(asyncio.Protocol):
         except (ProtocolError, ConnectionError, asyncio.TimeoutError) as e:
             self.fatal("08P01", f"authentication exchange failed: {e}")
             return
+        if not is_admin and not self.server.admit_user(self):
+            return
         self.traffic = self.stats.traffic_for(database, user)
         if is_admin:
             self.server.admin.start(self, params)
@@ -778,6 +780,7 @@ class ClientSession(asyncio.Protocol):
             self.waiting = False
             self._wait_us = int((time.perf_counter() - self.wait_started) * 1e6)
             self.stats.record_wait(self._wait_us)
+            self.pool.stats["wait_us_total"] += self._wait_us
         self.backend = be
         be.owner = self
         self.xact_id = self.server.next_xact_id()
@@ -1101,6 +1104,8 @@ class ClientSession(asyncio.Protocol):
         """Send a FATAL error and close this client only."""
         if not self.closed and self.transport is not None:
             self.stats.count_error(sqlstate)
+            log.info("closed with FATAL %s: %s", sqlstate, msg, extra={
+                "client": self.id, "backend": self.backend.pid if self.backend else None, "sqlstate": sqlstate})
             self.transport.write(P.error_response(sqlstate, msg, "FATAL"))
         self.close()
 
