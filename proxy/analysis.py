@@ -277,11 +277,16 @@ def _sha1_fingerprint(text: str) -> str:
 
 
 class Analyzer:
-    """An LRU cache of StatementInfo by SQL text (and by literal-stripped text where that is sound)."""
+    """An LRU cache of StatementInfo by SQL text (and by literal-stripped text where that is sound).
 
-    def __init__(self, max_entries: int = 10_000):
+    Bounded both in entries and in characters of cached text, since a bulk INSERT can be megabytes long.
+    """
+
+    def __init__(self, max_entries: int = 10_000, max_chars: int = 32 * 1024 * 1024):
         self.max_entries = max_entries
+        self.max_chars = max_chars
         self._cache: OrderedDict[str, StatementInfo] = OrderedDict()
+        self.cached_chars = 0
         self.hits = 0
         self.misses = 0
 
@@ -304,9 +309,14 @@ class Analyzer:
                 return info
         self.misses += 1
         info = analyze_uncached(sql, key if clean else None)
-        cache[key if clean and info.shareable else sql] = info
-        if len(cache) > self.max_entries:
-            cache.popitem(last=False)
+        entry = key if clean and info.shareable else sql
+        size = len(entry) + len(info.normalized)
+        if size <= self.max_chars // 16:
+            cache[entry] = info
+            self.cached_chars += size
+            while len(cache) > self.max_entries or self.cached_chars > self.max_chars:
+                old_key, old = cache.popitem(last=False)
+                self.cached_chars -= len(old_key) + len(old.normalized)
         return info
 
 

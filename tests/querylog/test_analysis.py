@@ -252,3 +252,12 @@ def test_changing_only_constants_keeps_the_cache_key(pair):
     a, b = pair
     key_a, clean = literal_key(a)
     assert clean and key_a == literal_key(b)[0]
+
+
+def test_the_cache_stays_within_its_character_budget():
+    analyzer = Analyzer(max_chars=64 * 1024)
+    for i in range(200):
+        analyzer.analyze(f"SELECT col_{i} FROM t WHERE x IN ({', '.join(['1'] * 50)})")
+    analyzer.analyze("INSERT INTO t VALUES " + ", ".join(["(1, 'x')"] * 5000))   # too big to keep
+    assert 0 < analyzer.cached_chars <= 64 * 1024
+    assert len(analyzer) < 200
