@@ -49,10 +49,11 @@ class MessageSplitter:
     being buffered whole). A length outside [4, max_len] raises ProtocolError before anything is allocated.
     """
 
-    __slots__ = ("watch", "max_len", "_buf", "_need", "_skip")
+    __slots__ = ("watch", "valid", "max_len", "_buf", "_need", "_skip")
 
-    def __init__(self, watch: frozenset[int], max_len: int = 0x7FFFFFFF):
+    def __init__(self, watch: frozenset[int], max_len: int = 0x7FFFFFFF, valid: frozenset[int] | None = None):
         self.watch = watch
+        self.valid = valid       # when given, any other message type is a ProtocolError
         self.max_len = max_len
         self._buf: bytearray | None = None  # an incomplete watched message (or header)
         self._need = 0                      # total bytes that message needs
@@ -89,6 +90,8 @@ class MessageSplitter:
                     items.append(data[span:pos])
                 items.append((data[pos], data[pos:end]))
                 pos = span = end
+            elif self.valid is not None and data[pos] not in self.valid:
+                raise ProtocolError(f"invalid frontend message type {data[pos]}")
             elif end > n:
                 self._skip = end - n
                 pos = n
@@ -116,6 +119,23 @@ def read_cstring(buf: bytes, pos: int) -> tuple[bytes, int]:
     if end < 0:
         raise ProtocolError("missing string terminator")
     return buf[pos:end], end + 1
+
+
+def check_parse(raw: bytes) -> None:
+    """A Parse message's body is name, query, int16 n, n int32 type OIDs, and nothing more."""
+    _, pos = read_cstring(raw, 5)
+    _, pos = read_cstring(raw, pos)
+    if pos + 2 > len(raw):
+        raise ProtocolError("invalid Parse message format")
+    n = _I16.unpack_from(raw, pos)[0]
+    if n < 0 or pos + 2 + 4 * n != len(raw):
+        raise ProtocolError("invalid Parse message format")
+
+
+def check_query(raw: bytes) -> None:
+    """A Query message's body is one NUL-terminated string."""
+    if raw.find(b"\0", 5) != len(raw) - 1:
+        raise ProtocolError("invalid string in Query message")
 
 
 def parse_startup(packet: bytes) -> tuple[int, dict[str, str]]:

@@ -120,7 +120,7 @@ class ClientSession(asyncio.Protocol):
         self.state = "startup"
         self.closed = False
         self._startup_buf = b""
-        self.splitter = MessageSplitter(CLIENT_WATCH, self.config.max_message_bytes)
+        self.splitter = MessageSplitter(CLIENT_WATCH, self.config.max_message_bytes, P.FRONTEND_TYPES)
         self.client_addr: str | None = None
         self.user = ""
         self.database = ""
@@ -265,9 +265,22 @@ class ClientSession(asyncio.Protocol):
             except ProtocolError as e:
                 self.fatal("08P01", str(e))
                 return
-            if code in (P.SSL_REQUEST, P.GSSENC_REQUEST):
-                self.transport.write(b"N")
-                continue
+            if (code == P.SSL_REQUEST or code == P.GSSENC_REQUEST) and not self.encrypted:
+                # Once encrypted, a second request is refused below as an unsupported protocol, as Postgres does.
+                tls = self.server.auth.tls if code == P.SSL_REQUEST else None
+                if tls is None:
+                    self.transport.write(b"N")
+                    continue
+                if buf:
+                    # Plaintext sent before the handshake must not pass as if it came encrypted (CVE-2021-23214).
+                    self.fatal("08P01", "received unencrypted data after SSL request")
+                    return
+                self._startup_buf = b""
+                self.state = "tls"
+                self.transport.pause_reading()
+                self.transport.write(b"S")
+                asyncio.get_running_loop().create_task(self._start_tls(tls))
+                return
             if code == P.CANCEL_REQUEST:
                 try:
                     pid, secret = P.parse_cancel(packet)
@@ -286,6 +299,29 @@ class ClientSession(asyncio.Protocol):
             asyncio.get_running_loop().create_task(self._start_session(code, params))
             return
         self._startup_buf = buf
+
+    async def _start_tls(self, tls) -> None:
+        """Upgrade to TLS after answering an SSLRequest with 'S'; the startup packet then comes encrypted."""
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                self.transport, self, tls.context, server_side=True, ssl_handshake_timeout=tls.handshake_timeout)
+        except Exception as e:  # ssl.SSLError, a timeout, a client gone during the handshake
+            log.info("client %s: TLS handshake failed: %s", self.id, e)
+            self.close()
+            if self.state != "closed":
+                self.connection_lost(e)
+            return
+        if self.closed:
+            transport.close()
+            return
+        transport.set_write_buffer_limits(high=256 * 1024)
+        self.transport = transport
+        self.state = "startup"
+        self._startup_data(b"")
+
+    @property
+    def encrypted(self) -> bool:
+        return self.transport is not None and self.transport.get_extra_info("ssl_object") is not None
 
     async def read_startup_message(self, timeout: float = 30.0) -> tuple[int, bytes]:
         """The next typed message from the client during startup (e.g. a PasswordMessage): (type, raw)."""
@@ -319,15 +355,16 @@ class ClientSession(asyncio.Protocol):
         self.user, self.database = user, database
         self.application_name = params.get("application_name", "")
         is_admin = database == self.config.admin.database and self.server.admin is not None
-        pool = self.server.pools.get(database)
-        if pool is None and not is_admin:
-            self.fatal("3D000", f'database "{database}" does not exist')
-            return
+        # As in Postgres, authentication comes first: an unknown database is not revealed to strangers.
         try:
             if not await self.server.authenticate(self, params):
                 return
         except (ProtocolError, ConnectionError, asyncio.TimeoutError) as e:
             self.fatal("08P01", f"authentication exchange failed: {e}")
+            return
+        pool = self.server.pools.get(database)
+        if pool is None and not is_admin:
+            self.fatal("3D000", f'database "{database}" does not exist')
             return
         if not is_admin and not self.server.admit_user(self):
             return
@@ -370,6 +407,12 @@ class ClientSession(asyncio.Protocol):
 
     def _to_server(self, items: list, i: int) -> None:
         """Forward client messages items[i:] to the backend, acquiring one first if needed."""
+        try:
+            self._forward(items, i)
+        except ProtocolError as e:
+            self.fatal("08P01", f"invalid frontend message: {e}")
+
+    def _forward(self, items: list, i: int) -> None:
         be = self.backend
         pending = self.pending
         out: list = []          # bytes for the backend
@@ -419,6 +462,7 @@ class ClientSession(asyncio.Protocol):
                 self._acquire(items, i - 1)
                 return
             if t == P.F_QUERY:
+                P.check_query(raw)
                 sql = raw[5:-1]
                 effects = effects_of(sql)
                 be.unnamed_key = None   # a simple Query destroys the unnamed statement
@@ -457,6 +501,7 @@ class ClientSession(asyncio.Protocol):
                         self.portals[portal] = entry[2]
                 pending.append(Pending(t))
             elif t == P.F_PARSE:
+                P.check_parse(raw)
                 if raw[5] != 0:
                     self._parse_named(raw, be, cout, out)
                 else:
@@ -527,6 +572,7 @@ class ClientSession(asyncio.Protocol):
         self.skip_until_sync = True
 
     def _parse_named(self, raw: bytes, be: BackendConnection | None, cout: list, out: list | None = None) -> None:
+        P.check_parse(raw)
         name, pos = P.read_cstring(raw, 5)
         body = raw[pos:]
         if name in self.stmts:
@@ -916,8 +962,9 @@ class ClientSession(asyncio.Protocol):
                     self.pending.clear()
                     be.owner = None
                     be.close()
-                    self.fatal("08006", f"pgpilot: the server closed the connection: {f.get('M', '')} "
-                                        f"(SQLSTATE {f.get('C', '?')})")
+                    code = f.get("C", "08006")
+                    self.fatal(code if code.startswith("08") else "08006",
+                               f"pgpilot: the server closed the connection: {f.get('M', '')} (SQLSTATE {code})")
                     return
                 e = pending[0] if pending else None
                 if capture is not None:
