@@ -185,13 +185,13 @@ class ProxyServer:
                 self.cache = ResultCache(self.config.cache,
                                          {name: self.database_dsn(name) for name in self.config.databases})
                 await self.cache.start()
+        await self._start_metrics()   # first, so whoever sees the client port open can scrape too
         host, port = self.config.listen_address
         srv = await loop.create_server(lambda: ClientSession(self), host, port, backlog=4096, reuse_address=True)
         self._servers.append(srv)
         self._spawn(self._housekeeping())
         log.info("pgpilot listening on %s:%s (%s pooling, databases: %s)", host, port, self.config.pool_mode,
                  ", ".join(self.pools) or "none")
-        await self._start_metrics()
 
     async def _start_metrics(self) -> None:
         listen = self.config.admin.http_listen
