@@ -5,6 +5,7 @@ config.yaml at the repository root; keep the two in step.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -114,6 +115,55 @@ class AdvisorsConfig(_Section):
     partition_sample_percent: float = Field(2.0, gt=0, le=100)  # rows copied to check a layout
 
 
+AuthMethod = Literal["scram-sha-256", "md5", "trust", "reject"]
+
+
+class HbaRule(_Section):
+    """One pg_hba.conf-style line: who it concerns, and how they must authenticate. First match wins."""
+    type: Literal["host", "hostssl", "hostnossl"] = "host"   # hostssl: TLS clients only; hostnossl: plaintext only
+    database: str | list[str] = "all"
+    user: str | list[str] = "all"
+    address: str = "all"                        # CIDR (10.0.0.0/8, ::1/128) or all
+    method: AuthMethod
+
+    @field_validator("address")
+    @classmethod
+    def _address_is_cidr(cls, v: str) -> str:
+        if v != "all":
+            ipaddress.ip_network(v, strict=False)
+        return v
+
+
+class AuthConfig(_Section):
+    method: AuthMethod = "scram-sha-256"        # for everyone when hba is empty
+    hba: list[HbaRule] = Field(default_factory=list)  # first match wins; no match is refused (28000)
+    auth_file: str | None = None                # PgBouncer userlist.txt: "user" "SCRAM-SHA-256$..." | "md5..." | "plain"
+    auth_user: str | None = None                # with it, users missing from auth_file are looked up with auth_query
+    auth_password: str | None = None            # auth_user's upstream password (else its plaintext auth_file entry)
+    auth_query: str = "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
+    auth_dbname: str | None = None              # databases entry auth_query runs in (default: the client's, else the first)
+    cache_seconds: float = Field(30.0, ge=0)    # auth_query answers are kept this long
+    timeout: float = Field(60.0, gt=0)          # a client must finish authenticating within this many seconds
+    max_failures: int = Field(5, ge=0)          # failed logins from one address within failure_window ... (0: no limit)
+    failure_window: float = Field(60.0, gt=0)
+    lockout: float = Field(60.0, gt=0)          # ... refuse that address this many seconds
+    scram_iterations: int = Field(4096, ge=4096)  # for verifiers derived from plaintext auth_file secrets
+
+
+class TlsConfig(_Section):
+    client_mode: Literal["disable", "allow", "prefer", "require"] = "disable"
+    client_cert_file: str | None = None         # PEM, the certificate chain clients verify
+    client_key_file: str | None = None
+    client_min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    handshake_timeout: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> "TlsConfig":
+        if self.client_mode != "disable" and not (self.client_cert_file and self.client_key_file):
+            raise ValueError("client_cert_file and client_key_file are required unless client_mode is disable")
+        return self
+
+
 class Config(_Section):
     listen: str = "127.0.0.1:6432"
     pool_mode: Literal["session", "transaction"] = "transaction"
@@ -133,6 +183,8 @@ class Config(_Section):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     learning: LearningConfig = Field(default_factory=LearningConfig)
     advisors: AdvisorsConfig = Field(default_factory=AdvisorsConfig)
+    auth: AuthConfig | None = None    # None: every client is trusted (set it in production)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
 
     @field_validator("listen")
     @classmethod
