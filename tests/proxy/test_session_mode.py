@@ -1,0 +1,53 @@
+"""Session pooling: a client owns one backend for its whole connection, and the next client finds it reset."""
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from tests.proxy.helpers import backend_pid, connect
+
+
+@pytest.fixture
+def defaults(pg, fresh_db) -> dict[str, str]:
+    with psycopg.connect(pg.dsn_for(fresh_db)) as direct:
+        return {name: direct.execute(f"SHOW {name}").fetchone()[0]
+                for name in ("search_path", "TimeZone", "statement_timeout")}
+
+
+def test_session_mode_client_keeps_one_backend_for_its_whole_connection(fresh_db, proxy_factory):
+    proxy = proxy_factory(dbname=fresh_db, pool_mode="session", pool_size=3)
+    pids: dict[str, set[int]] = {"a": set(), "b": set()}
+    with connect(proxy, fresh_db) as a, connect(proxy, fresh_db) as b:
+        for _ in range(20):
+            for name, conn in (("a", a), ("b", b)):
+                with conn.transaction():
+                    pids[name].add(backend_pid(conn))
+            with connect(proxy, fresh_db) as passer_by:
+                passer_by.execute("SELECT 1")
+
+    assert len(pids["a"]) == 1 and len(pids["b"]) == 1
+    assert pids["a"] != pids["b"]
+
+
+def test_session_mode_resets_the_backend_before_the_next_client(fresh_db, proxy_factory, defaults):
+    proxy = proxy_factory(dbname=fresh_db, pool_mode="session", pool_size=1)
+    with connect(proxy, fresh_db) as first:
+        first.execute("SET search_path TO pg_catalog")
+        first.execute("SET TimeZone TO 'Asia/Tokyo'")
+        first.execute("SET statement_timeout TO '7s'")
+        first.execute("PREPARE leftover AS SELECT 1")
+        first.execute("CREATE TEMP TABLE scratch (n int)")
+        first.execute("LISTEN jobs")
+        first.execute("SELECT pg_advisory_lock(7)")
+        first_pid = backend_pid(first)
+    with connect(proxy, fresh_db) as second:
+        second_pid = backend_pid(second)
+        settings = {name: second.execute(f"SHOW {name}").fetchone()[0] for name in defaults}
+        leftovers = second.execute(
+            "SELECT (SELECT count(*) FROM pg_prepared_statements), to_regclass('pg_temp.scratch') IS NOT NULL,"
+            " (SELECT count(*) FROM pg_listening_channels()),"
+            " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())").fetchone()
+
+    assert second_pid == first_pid, "the backend was not reused, so this test proves nothing about the reset"
+    assert settings == defaults
+    assert leftovers == (0, False, 0, 0)
