@@ -17,6 +17,7 @@ import scramp
 
 from proxy import protocol as P
 from proxy.protocol import MessageSplitter, ProtocolError
+from proxy.tls import open_upstream
 
 if TYPE_CHECKING:
     from proxy.config import Database
@@ -326,13 +327,15 @@ class Pool:
 
     async def connect(self) -> BackendConnection:
         """Open and authenticate one backend; raises UpstreamError."""
-        loop = asyncio.get_running_loop()
         db = self.db
         try:
-            _, be = await asyncio.wait_for(
-                loop.create_connection(lambda: BackendConnection(self), db.host, db.port), self.timeouts.connect)
-            be.transport.set_write_buffer_limits(high=256 * 1024)
-            await asyncio.wait_for(asyncio.shield(be._ready), self.timeouts.connect)
+            try:
+                be = await self._open(db)
+            except UpstreamError as e:
+                # libpq's sslmode=allow: TLS only when the server refuses plaintext (hostssl rules).
+                if db.sslmode != "allow" or e.sqlstate != "28000":
+                    raise
+                be = await self._open(db, encrypt=True)
         except UpstreamError as e:
             self.stats["connect_failures"] += 1
             self.last_connect_error = e
@@ -352,18 +355,43 @@ class Pool:
         self.last_connect_error = None
         return be
 
+    async def _open(self, db: "Database", encrypt: bool | None = None) -> BackendConnection:
+        """Connect (negotiating TLS as db.sslmode says) and wait for the server's first ReadyForQuery."""
+        _, be = await asyncio.wait_for(open_upstream(lambda: BackendConnection(self), db, encrypt),
+                                       self.timeouts.connect)
+        be.transport.set_write_buffer_limits(high=256 * 1024)
+        await asyncio.wait_for(asyncio.shield(be._ready), self.timeouts.connect)
+        return be
+
     async def ensure_server_params(self) -> dict[str, str]:
-        """The upstream's startup ParameterStatus values, learned from one backend (kept in the pool)."""
-        if self.server_params is None:
-            if len(self.all) + self.connecting >= self.size and self.all:
-                return dict(next(iter(self.all)).server_params)
-            self.connecting += 1
-            try:
-                be = await self.connect()
-            finally:
-                self.connecting -= 1
-            self.release(be)
+        """The upstream's startup ParameterStatus values; also proves the upstream is reachable.
+
+        With no live backend, one is opened first (shared by clients starting at the same moment), so a
+        client connecting while the upstream is down is refused at once with 08006, as Postgres would be.
+        """
+        if self.server_params is not None and (self.all or self.connecting):
+            return self.server_params
+        probe = self._probe
+        if probe is None:
+            probe = self._probe = asyncio.get_running_loop().create_task(self._open_one())
+            probe.add_done_callback(self._probe_done)
+        await asyncio.shield(probe)
         return self.server_params
+
+    _probe: asyncio.Task | None = None
+
+    def _probe_done(self, task: asyncio.Task) -> None:
+        self._probe = None
+        if not task.cancelled():
+            task.exception()   # retrieved here; each waiting client re-raises it from its own await
+
+    async def _open_one(self) -> None:
+        self.connecting += 1
+        try:
+            be = await self.connect()
+        finally:
+            self.connecting -= 1
+        self.release(be)
 
     # -------------------------------------------------------------------- housekeeping
 
