@@ -139,8 +139,9 @@ class WorkloadCost:
             for name in t.tables:
                 self.by_table.setdefault(name, []).append(t)
 
-    def template_cost(self, t: Template, config, hidden=frozenset()) -> float | None:
-        costs = [self.whatif.cost(i, config, hidden) for i in self._instances[t.fingerprint]]
+    def template_cost(self, t: Template, config, hidden=frozenset(), first_only: bool = False) -> float | None:
+        instances = self._instances[t.fingerprint]
+        costs = [self.whatif.cost(i, config, hidden) for i in (instances[:1] if first_only else instances)]
         costs = [c for c in costs if c is not None]
         return sum(costs) / len(costs) if costs else None
 
@@ -318,7 +319,8 @@ class Selector:
         self.single_gain: dict[IndexSpec, float] = {}
         started = last = time.monotonic()
         for i, spec in enumerate(candidates):
-            gain, helped = self._gain(spec, frozenset(), model.by_table.get(spec.table, []))
+            # Screening plans one instance per template; the selection itself plans them all.
+            gain, helped = self._gain(spec, frozenset(), self._relevant(spec), first_only=True)
             if helped:
                 self.affected[spec] = helped
                 self.single_gain[spec] = gain
@@ -326,14 +328,27 @@ class Selector:
                 last = time.monotonic()
                 log.info("costed %d/%d candidates in %.0fs", i + 1, len(candidates), last - started)
 
-    def _gain(self, spec: IndexSpec, chosen: frozenset, templates) -> tuple[float, list[Template]]:
+    def _relevant(self, spec: IndexSpec) -> list[Template]:
+        """Templates that filter, join, sort or group on the index's leading column (the only ones it can help)."""
+        lead = spec.columns[0]
+        out = []
+        for t in self.model.by_table.get(spec.table, []):
+            for a in t.shape.accesses_of(spec.table):
+                if (lead in a.filter_columns() or lead in a.likes or lead in a.group_by
+                        or any(c == lead for c, _ in a.order_by)):
+                    out.append(t)
+                    break
+        return out
+
+    def _gain(self, spec: IndexSpec, chosen: frozenset, templates,
+              first_only: bool = False) -> tuple[float, list[Template]]:
         """Workload cost saved by adding `spec` to `chosen` (write overhead deducted), and who benefits."""
         with_spec = chosen | {spec}
         gain = 0.0
         helped = []
         for t in templates:
-            before = self.model.template_cost(t, chosen)
-            after = self.model.template_cost(t, with_spec)
+            before = self.model.template_cost(t, chosen, first_only=first_only)
+            after = self.model.template_cost(t, with_spec, first_only=first_only)
             if before is None or after is None:
                 continue
             if after < before * 0.9999:
@@ -371,8 +386,9 @@ class Selector:
             if picked is None:
                 if rechecked or not fits and not pool:
                     break
-                # Re-evaluate everything once: an index may pay only next to one chosen since.
-                for s in pool:
+                # Re-evaluate the most promising once: an index may pay only next to one chosen since.
+                fitting = [s for s in pool if used + self.sizes[s] <= self.budget]
+                for s in sorted(fitting, key=lambda s: score(s, self.single_gain[s]), reverse=True)[:20]:
                     bound[s] = self.gain(s, frozenset(chosen))
                 rechecked = True
                 continue
@@ -420,21 +436,47 @@ def _confidence_label(c: float) -> str:
 
 def drop_advice(catalog: Catalog, model: WorkloadCost | None, settings: AdvisorSettings,
                 new_specs: list[IndexSpec] = ()) -> list[IndexRecommendation]:
-    """Invalid, duplicate, prefix-covered and unused indexes, each checked by hiding it from the planner."""
+    """Invalid, duplicate, prefix-covered and unused indexes, each checked against the workload's plans.
+
+    With HypoPG >= 1.4 an index is hidden and the workload re-planned (the cost it would add decides);
+    older HypoPG cannot hide real indexes, so the check is whether any template's plan uses the index,
+    counting a plan that uses a duplicate or a prefix as a use of the index that takes over.
+    """
     out: list[IndexRecommendation] = []
     window = catalog.stats_window
     window_days = window.total_seconds() / 86400 if window else 0.0
     advised: set[int] = set()
-
+    heir: dict[int, int] = {}    # dropped index -> the index its queries move to
     config = frozenset(new_specs)
+    by_name = {(i.schema, i.name): i for t in catalog.tables.values() for i in t.indexes}
+    uses: dict[int, list[Template]] = {}
+    if model is not None and not model.whatif.can_hide:
+        for t in model.templates:
+            for inst in model._instances[t.fingerprint]:
+                plan = model.whatif.plan(inst, config)
+                for name in set(model.whatif.used_indexes(plan) if plan else ()):
+                    idx = next((i for (schema, n), i in by_name.items() if n == name), None)
+                    if idx is not None and t not in uses.setdefault(idx.oid, []):
+                        uses[idx.oid].append(t)
 
-    def hidden_cost_increase(idx: Index) -> tuple[float, list[TemplateEffect]]:
+    def users(idx: Index) -> list[Template]:
+        """Templates whose plans use idx, or an index whose queries move to idx once it is dropped."""
+        found = list(uses.get(idx.oid, []))
+        for dropped, target in heir.items():
+            if target == idx.oid:
+                found += [t for t in uses.get(dropped, []) if t not in found]
+        return found
+
+    def cost_increase(idx: Index) -> tuple[float, list[TemplateEffect]]:
         """What the workload loses without idx, once the advised indexes exist and earlier drops are done."""
-        if model is None or not model.whatif.can_hide:
+        if model is None:
             return 0.0, []
-        templates = model.by_table.get(idx.table, [])
+        if not model.whatif.can_hide:
+            effects = [TemplateEffect(t.fingerprint, t.label, t.calls, model.baseline[t.fingerprint],
+                                      model.baseline[t.fingerprint]) for t in users(idx)]
+            return (math.inf if effects else 0.0), effects
         effects, increase = [], 0.0
-        for t in templates:
+        for t in model.by_table.get(idx.table, []):
             before = model.template_cost(t, config, frozenset(advised))
             after = model.template_cost(t, config, frozenset(advised | {idx.oid}))
             if before is None or after is None:
@@ -444,19 +486,29 @@ def drop_advice(catalog: Catalog, model: WorkloadCost | None, settings: AdvisorS
                 effects.append(TemplateEffect(t.fingerprint, t.label, t.calls, before, after))
         return increase, effects
 
-    def recommend(idx: Index, reason: str, confidence: float) -> None:
+    def recommend(idx: Index, reason: str, confidence: float, successor: Index | None = None) -> None:
         if idx.oid in advised:
             return
-        increase, effects = hidden_cost_increase(idx)
-        total = model.query_cost(config, model.by_table.get(idx.table, []), frozenset(advised)) if model else 0.0
-        if reason != "invalid" and increase > 0.01 * max(total, 1.0):
-            log.info("keeping %s: the workload would cost %.3g more without it", idx.name, increase)
-            return
         saved = model.write_overhead(idx.table, set(idx.columns) | set(idx.include)) if model else 0.0
+        effects: list[TemplateEffect] = []
+        if successor is None and not reason.startswith(("invalid", "covered by the advised")):
+            increase, effects = cost_increase(idx)
+            noise = 1e-4 * model.query_cost(config, hidden=frozenset(advised)) if model else 0.0
+            # Worth keeping when the reads it speeds up outweigh the writes it slows down.
+            if increase > max(saved, noise):
+                log.info("keeping %s: the workload's plans need it", idx.name)
+                return
+        else:
+            increase = 0.0
+            effects = [TemplateEffect(t.fingerprint, t.label, t.calls, model.baseline[t.fingerprint],
+                                      model.baseline[t.fingerprint]) for t in users(idx)] if model else []
         advised.add(idx.oid)
+        if successor is not None:
+            heir[idx.oid] = successor.oid
         out.append(IndexRecommendation(
             "drop", idx.table, idx.name, f"DROP INDEX CONCURRENTLY {idx.qualified_name};", idx.definition,
-            idx.size_bytes, saved - increase, -saved, confidence, _confidence_label(confidence), reason, effects))
+            idx.size_bytes, saved - (increase if math.isfinite(increase) else 0.0), -saved, confidence,
+            _confidence_label(confidence), reason, effects))
 
     tables = sorted(catalog.tables.values(), key=lambda t: t.qualified)
     for table in tables:
@@ -468,22 +520,23 @@ def drop_advice(catalog: Catalog, model: WorkloadCost | None, settings: AdvisorS
         valid = [i for i in table.indexes if i.is_valid]
         for i, a in enumerate(valid):
             for b in valid[i + 1:]:
-                if _same_definition(a, b) and a.is_unique == b.is_unique:
+                if _same_definition(a, b) and a.is_unique == b.is_unique and a.oid not in advised \
+                        and b.oid not in advised:
                     victim = b if (a.is_constraint and not b.is_constraint) or (
                         a.is_constraint == b.is_constraint and a.oid < b.oid) else a
                     if not victim.is_constraint:
                         keeper = a if victim is b else b
-                        recommend(victim, f"duplicate of {keeper.name}", 0.9)
+                        recommend(victim, f"duplicate of {keeper.name}", 0.9, successor=keeper)
     for table in tables:
-        valid = [i for i in table.indexes if i.is_valid and i.method == "btree"]
+        valid = [i for i in table.indexes if i.is_valid and i.method == "btree" and i.oid not in advised]
         for a in valid:
             if a.is_unique or a.is_constraint or a.predicate is not None:
                 continue
             for b in valid:
-                if b is a or b.predicate is not None or len(b.columns) <= len(a.columns):
+                if b is a or b.predicate is not None or len(b.columns) <= len(a.columns) or b.oid in advised:
                     continue
                 if b.columns[:len(a.columns)] == a.columns and set(a.include) <= set(b.columns) | set(b.include):
-                    recommend(a, f"covered by {b.name}: its leading columns are the same", 0.75)
+                    recommend(a, f"covered by {b.name}: its leading columns are the same", 0.75, successor=b)
                     break
         for spec in new_specs:
             if spec.table != table.qualified or spec.where is not None:
