@@ -68,9 +68,21 @@ class CacheConfig(_Section):
     redis_url: str | None = None
     l1_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     max_entry_bytes: int = Field(1024 * 1024, ge=0)
-    redis_max_bytes: int = Field(512 * 1024 * 1024, ge=0)
-    default_ttl: float = Field(300.0, gt=0)
-    redis_timeout: float = Field(0.05, gt=0)
+    redis_max_bytes: int = Field(512 * 1024 * 1024, ge=0)   # bytes this proxy keeps stored in Redis, at most
+    default_ttl: float = Field(300.0, gt=0)      # seconds; a backstop, invalidation is by table generation
+    redis_timeout: float = Field(0.05, gt=0)     # seconds; a slower Redis answer is a bypass
+    key_prefix: str = "pgpilot:"                 # Redis key prefix, so deployments can share a Redis
+    breaker_failures: int = Field(5, ge=1)       # consecutive Redis timeouts/errors that open the circuit
+    breaker_cooldown: float = Field(2.0, gt=0)   # seconds the cache steps aside once the circuit opened
+    decode_interval: float = Field(0.01, gt=0)   # seconds between two reads of the logical decoding slot
+    decode_batch: int = Field(100_000, ge=1)     # changes read per slot call, at most
+    catalog_check_interval: float = Field(1.0, gt=0)  # seconds between catalog signature checks (DDL)
+    analysis_cache_size: int = Field(50_000, ge=1)    # statement verdicts kept per proxy
+    analysis_timeout: float = Field(2.0, gt=0)   # seconds a catalog probe of one statement may take
+    admission_warmup: int = Field(8, ge=0)       # fills admitted per template before its statistics decide
+    admission_min_saved_us: float = Field(200.0, ge=0)   # Postgres time an entry must save (reuse x exec time)
+    admission_explore_every: int = Field(16, ge=1)       # a declined template is still admitted 1 in N times
+    admission_size_scale: int = Field(65536, ge=1)       # bytes per extra min_saved_us required of an entry
 
 
 class AdminConfig(_Section):

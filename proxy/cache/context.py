@@ -1,0 +1,87 @@
+"""Who asks and under which settings: the part of a cache key that belongs to the client session.
+
+A session builds one CacheContext per settings state and reuses it, so everything derived from it (the key
+digest, the scope under which statement verdicts are cached, the expanded search_path) is computed once here.
+"""
+from __future__ import annotations
+
+import hashlib
+
+# Session settings that change the bytes of a result (or how a text parses), by lower-cased name. The session
+# passes those it knows; a missing one means the server default, which is part of the catalog state.
+KEY_SETTINGS = ("search_path", "timezone", "datestyle", "intervalstyle", "client_encoding",
+                "extra_float_digits", "bytea_output", "standard_conforming_strings", "lc_monetary",
+                "timezone_abbreviations", "transform_null_equals", "xmloption")
+
+_scopes: dict[tuple[str, str, str], int] = {}
+
+
+def _scope_id(database: str, role: str, search_path: str) -> int:
+    key = (database, role, search_path)
+    sid = _scopes.get(key)
+    if sid is None:
+        sid = _scopes[key] = len(_scopes) + 1
+    return sid
+
+
+def split_search_path(value: str) -> list[str]:
+    """The schema names of a search_path value, unquoted ("$user" stays as the marker $user)."""
+    names, cur, quoted, i = [], [], False, 0
+    was_quoted = False
+    while i < len(value):
+        ch = value[i]
+        if quoted:
+            if ch == '"':
+                if value[i + 1:i + 2] == '"':
+                    cur.append('"')
+                    i += 1
+                else:
+                    quoted = False
+            else:
+                cur.append(ch)
+        elif ch == '"':
+            quoted = was_quoted = True
+        elif ch == ",":
+            names.append("".join(cur) if was_quoted else "".join(cur).strip().lower())
+            cur, was_quoted = [], False
+        elif not ch.isspace() or cur:
+            cur.append(ch)
+        i += 1
+    last = "".join(cur) if was_quoted else "".join(cur).strip().lower()
+    if last or names:
+        names.append(last)
+    return [n for n in names if n != ""]
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class CacheContext:
+    """The database, role and byte-changing settings of a client session (settings keyed case-insensitively)."""
+
+    __slots__ = ("database", "role", "settings", "digest", "scope", "search_path", "schemas")
+
+    def __init__(self, database: str, role: str, settings: dict[str, str]):
+        self.database = database
+        self.role = role
+        norm = {k.lower(): str(v) for k, v in settings.items()}
+        self.settings = norm
+        self.search_path = norm.get("search_path", '"$user", public')
+        h = hashlib.blake2b(digest_size=16)
+        for part in (database, role, *[f"{k}={v}" for k, v in sorted(norm.items())]):
+            b = part.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(4, "little"))
+            h.update(b)
+        self.digest = h.digest()
+        # Verdicts depend on name resolution (search_path with $user expanded) and the role's privileges.
+        self.scope = _scope_id(database, role, self.search_path)
+        self.schemas = tuple(role if s == "$user" else s for s in split_search_path(self.search_path))
+
+    @property
+    def resolved_search_path(self) -> str:
+        """The search_path with $user replaced by the role, for a connection running as someone else."""
+        return ", ".join(quote_ident(s) for s in self.schemas)
+
+    def __repr__(self) -> str:
+        return f"CacheContext({self.database!r}, {self.role!r}, search_path={self.search_path!r})"

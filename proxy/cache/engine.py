@@ -1,0 +1,687 @@
+"""The result cache as the session sees it: classify, writes, key, lookup, fill, invalidate, stats.
+
+Hot-path calls (classify, writes, key) answer from dictionaries keyed by the exact statement text and the
+context's scope; the first sight of a text costs a parse, and the catalog half of the safety analysis runs in
+the background (a text not analysed yet is "pending": not cached this time). lookup and invalidate make one
+round trip to the shared tier; fill returns at once and stores in the background.
+
+State that makes answers unsafe is never waited out, it is bypassed: a database is served only while its
+change feed is live and its catalog snapshot loaded; nothing is served while the shared tier is down,
+breaker-open or inconsistent. A catalog change first bumps `catalog_version` and forgets every verdict (so
+no lookup or fill still acts on an old one: both carry the version they were made under), then flushes.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import Counter, deque
+
+from proxy import analysis
+from proxy.cache import safety as S
+from proxy.cache.admission import AdmissionPolicy, HeuristicAdmission, TemplateTable
+from proxy.cache.catalog import CatalogSnapshot, ProbeResult, catalog_signature, load_snapshot, probe
+from proxy.cache.context import CacheContext
+from proxy.cache.decoding import ChangeFeed, DecodedTransaction
+from proxy.cache.l1 import L1Cache, L1Entry
+from proxy.cache.store import LocalStore, RedisStore
+
+log = logging.getLogger("pgpilot.cache")
+
+FLUSH = "*"               # in writes(): the statement's write targets are unknown: flush every entry
+CATALOG = "*catalog"      # in writes(): DDL: forget every verdict, then flush
+NO_KEY = b""              # key(): bound parameters make the statement uncacheable ('now' as a date parameter)
+
+
+class Verdict:
+    """classify()'s answer: cacheable, or the reason code why not; `tables` are the generation keys read."""
+
+    __slots__ = ("cacheable", "reason", "tables")
+
+    def __init__(self, cacheable: bool, reason: str | None, tables: tuple = ()):
+        self.cacheable = cacheable
+        self.reason = reason
+        self.tables = tables
+
+    def __repr__(self) -> str:
+        return f"Verdict({'cacheable' if self.cacheable else self.reason}, tables={tuple(self.tables)})"
+
+
+class TableKeys(tuple):
+    """Generation keys ("<database>/<schema.table>") with what lookup() needs: the database, the Redis hash
+    fields to read, and the catalog version the verdict was made under. Compares and hashes as a tuple."""
+
+    db: "DatabaseState"
+    fields: tuple[str, ...]
+    version: int
+
+
+_UNCACHEABLE: dict[str, Verdict] = {}
+
+
+def uncacheable(reason: str) -> Verdict:
+    v = _UNCACHEABLE.get(reason)
+    if v is None:
+        v = _UNCACHEABLE[reason] = Verdict(False, reason)
+    return v
+
+
+PENDING = uncacheable(S.PENDING)
+
+
+class DatabaseState:
+    """One upstream database: its catalog snapshot and connection, its probe queue and its change feed."""
+
+    def __init__(self, name: str, dsn: str, hash_key: str):
+        self.name = name
+        self.dsn = dsn
+        self.hash_key = hash_key
+        self.snapshot: CatalogSnapshot | None = None
+        self.snapshot_stale = True
+        self.feed: ChangeFeed | None = None
+        self.feed_live = False
+        self.conn = None
+        self.lock: asyncio.Lock | None = None
+        self.queue: asyncio.Queue | None = None
+        self.check_now: asyncio.Event | None = None
+        self.fresh: asyncio.Event | None = None      # set while the snapshot is loaded and not stale
+        self.tasks: list[asyncio.Task] = []
+        self.catalog_changes = 0
+        self.last_error = ""
+
+    @property
+    def serving(self) -> bool:
+        return self.feed_live and self.snapshot is not None
+
+    async def connection(self, timeout: float):
+        import asyncpg
+        if self.conn is None or self.conn.is_closed():
+            self.conn = await asyncpg.connect(self.dsn, timeout=timeout, statement_cache_size=32,
+                                              server_settings={"application_name": "pgpilot-cache-catalog"})
+        return self.conn
+
+    def drop_connection(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+
+class ResultCache:
+    """The cache engine for one proxy process; see docs/cache.md."""
+
+    def __init__(self, cfg, upstream_dsns: dict[str, str], admission: AdmissionPolicy | None = None):
+        self.cfg = cfg
+        if cfg.redis_url:
+            self.store = RedisStore(cfg.redis_url, cfg.key_prefix, cfg.redis_timeout, cfg.breaker_failures,
+                                    cfg.breaker_cooldown, on_message=self._on_message)
+        else:
+            self.store = LocalStore(cfg.key_prefix)
+        self.l1 = L1Cache(cfg.l1_max_bytes)
+        self.templates = TemplateTable()
+        self.admission: AdmissionPolicy = admission or HeuristicAdmission(
+            cfg.admission_warmup, cfg.admission_min_saved_us, cfg.admission_explore_every, cfg.admission_size_scale)
+        self._dbs = {name: DatabaseState(name, dsn, self.store.hash_key(name)) for name, dsn in upstream_dsns.items()}
+        self._verdicts: dict[tuple[bytes, int], Verdict] = {}
+        self._shapes: dict[tuple[str, int], Verdict] = {}
+        self._writes: dict[tuple[bytes, int], tuple[str, ...]] = {}
+        self._facts: dict[str, S.SyntaxFacts] = {}
+        self._elements: dict[str, tuple[str, str]] = {}
+        self._probing: set[tuple[str, int]] = set()
+        self.catalog_version = 0
+        self._started = False
+        self._stopping = False
+        self._ttl_ms = int(cfg.default_ttl * 1000)
+        self._stored: deque[tuple[float, int]] = deque()   # (expiry, bytes) of entries this process stored
+        self._stored_bytes = 0
+        # Counters for stats().
+        self.hits = 0
+        self.hits_l1 = 0
+        self.misses = 0
+        self.bypass: Counter[str] = Counter()
+        self.uncacheable: Counter[str] = Counter()
+        self.fills = 0
+        self.fill_bytes = 0
+        self.fills_rejected: Counter[str] = Counter()
+        self.invalidations = 0
+        self.invalidated_keys = 0
+        self.flushes = 0
+        self.invalidation_failures = 0
+        self.decoded_invalidations = 0
+        self.probes = 0
+        self.probe_errors = 0
+
+    # ================================================================ lifecycle
+
+    async def start(self) -> None:
+        """Connect the shared tier and start each database's catalog, probe and change-feed tasks; returns
+        quickly: databases start serving in the background once their feed is live."""
+        loop = asyncio.get_running_loop()
+        await self.store.start()
+        for db in self._dbs.values():
+            db.lock = asyncio.Lock()
+            db.queue = asyncio.Queue(maxsize=10_000)
+            db.check_now = asyncio.Event()
+            db.check_now.set()       # load the catalog snapshot now
+            db.fresh = asyncio.Event()
+            db.tasks = [loop.create_task(self._catalog_loop(db), name=f"cache-catalog-{db.name}"),
+                        loop.create_task(self._probe_loop(db), name=f"cache-probe-{db.name}")]
+            db.feed = ChangeFeed(db.name, db.dsn, self.cfg.decode_interval, self.cfg.decode_batch,
+                                 on_changes=lambda txns, db=db: self._decoded(db, txns),
+                                 on_live=lambda db=db: self._feed_live(db),
+                                 on_lost=lambda err, db=db: self._feed_lost(db, err))
+            db.feed.start()
+        self._started = True
+
+    async def wait_ready(self, timeout: float = 10.0) -> bool:
+        """True once every database is served (feed live, catalog loaded) and the shared tier answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.serving:
+                return True
+            await asyncio.sleep(0.02)
+        return self.serving
+
+    @property
+    def serving(self) -> bool:
+        return self._started and self.store.serving and all(db.serving for db in self._dbs.values())
+
+    async def stop(self) -> None:
+        """Drop the decoding slots, end the tasks, close connections; bounded in time."""
+        self._started = False
+        self._stopping = True
+        feeds = [db.feed.stop() for db in self._dbs.values() if db.feed is not None]
+        if feeds:
+            await asyncio.gather(*feeds, return_exceptions=True)
+        tasks = [t for db in self._dbs.values() for t in db.tasks]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        for db in self._dbs.values():
+            conn, db.conn = db.conn, None
+            if conn is not None and not conn.is_closed():
+                try:
+                    await asyncio.wait_for(conn.close(), 1.0)
+                except Exception:  # noqa: BLE001 - shutting down
+                    conn.terminate()
+        await self.store.stop()
+
+    # ================================================================ classify
+
+    def classify(self, sql: bytes, ctx: CacheContext) -> Verdict:
+        v = self._verdicts.get((sql, ctx.scope))
+        if v is not None:
+            if not v.cacheable:
+                self.uncacheable[v.reason] += 1
+            return v
+        v = self._classify_cold(sql, ctx)
+        if not v.cacheable:
+            self.uncacheable[v.reason] += 1
+        return v
+
+    def _classify_cold(self, sql: bytes, ctx: CacheContext) -> Verdict:
+        if not self._started:
+            return uncacheable(S.DISABLED)
+        db = self._dbs.get(ctx.database)
+        if db is None:
+            return uncacheable(S.DISABLED)
+        try:
+            text = sql.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._remember(sql, None, ctx, uncacheable(S.UNPARSEABLE))
+        shape, moving = S.shape_of(text)
+        if moving:
+            return self._remember(sql, None, ctx, uncacheable(S.VOLATILE))
+        if shape is not None:
+            v = self._shapes.get((shape, ctx.scope))
+            if v is not None:
+                return self._remember(sql, None, ctx, v)
+        facts = self._syntax(text, shape)
+        if facts.reason is not None:
+            return self._remember(sql, shape, ctx, uncacheable(facts.reason))
+        key = (shape if shape is not None else text, ctx.scope)
+        if key not in self._probing:
+            try:
+                db.queue.put_nowait((key, text, sql, shape, facts, ctx))
+                self._probing.add(key)
+            except asyncio.QueueFull:
+                pass
+        return PENDING
+
+    def _syntax(self, text: str, shape: str | None) -> S.SyntaxFacts:
+        k = shape if shape is not None else text
+        f = self._facts.get(k)
+        if f is None:
+            f = S.syntax_facts(text)
+            if len(self._facts) >= self.cfg.analysis_cache_size:
+                del self._facts[next(iter(self._facts))]
+            self._facts[k] = f
+        return f
+
+    def _remember(self, sql: bytes, shape: str | None, ctx: CacheContext, v: Verdict) -> Verdict:
+        limit = self.cfg.analysis_cache_size
+        if len(self._verdicts) >= limit:
+            del self._verdicts[next(iter(self._verdicts))]
+        self._verdicts[(sql, ctx.scope)] = v
+        if shape is not None:
+            if len(self._shapes) >= limit:
+                del self._shapes[next(iter(self._shapes))]
+            self._shapes[(shape, ctx.scope)] = v
+        return v
+
+    def _element(self, db: DatabaseState, field: str) -> str:
+        e = f"{db.name}/{field}"
+        if e not in self._elements:
+            self._elements[e] = (db.hash_key, field)
+        return e
+
+    def _table_keys(self, db: DatabaseState, fields: tuple[str, ...], version: int) -> TableKeys:
+        keys = TableKeys(self._element(db, f) for f in fields)
+        keys.db = db
+        keys.fields = ("epoch", *fields) if fields else ()
+        keys.version = version
+        return keys
+
+    async def _probe_loop(self, db: DatabaseState) -> None:
+        import asyncpg
+        while True:
+            key, text, sql, shape, facts, ctx = await db.queue.get()
+            try:
+                await db.fresh.wait()
+                version = self.catalog_version
+                snapshot = db.snapshot
+                self.probes += 1
+                try:
+                    async with db.lock:
+                        conn = await db.connection(self.cfg.analysis_timeout + 3)
+                        result = await asyncio.wait_for(
+                            probe(conn, text, facts, ctx, snapshot, self.cfg.analysis_timeout),
+                            self.cfg.analysis_timeout + 3)
+                except (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError) as e:
+                    self.probe_errors += 1     # busy, not wrong: the next sight tries again
+                    db.last_error = f"probe: {e}"
+                    continue
+                except asyncpg.PostgresError as e:
+                    self.probe_errors += 1
+                    db.last_error = f"probe: {e}"
+                    result = ProbeResult(S.ANALYSIS_ERROR, detail=str(e))
+                except (OSError, asyncpg.InterfaceError, asyncio.TimeoutError, ValueError) as e:
+                    self.probe_errors += 1
+                    db.last_error = f"probe: {e}"
+                    db.drop_connection()
+                    continue
+                if version != self.catalog_version:
+                    continue    # the catalog changed while probing: the next sight probes again
+                if result.stale:
+                    db.check_now.set()
+                    continue
+                if result.reason is not None:
+                    v = uncacheable(result.reason)
+                else:
+                    v = Verdict(True, None, self._table_keys(db, result.fields, version))
+                self._remember(sql, shape, ctx, v)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - one bad text must not stop the analysis of others
+                log.exception("cache: analysing a statement failed")
+            finally:
+                self._probing.discard(key)
+
+    # ================================================================ writes
+
+    def writes(self, sql: bytes, ctx: CacheContext) -> tuple[str, ...]:
+        w = self._writes.get((sql, ctx.scope))
+        if w is not None:
+            return w
+        return self._writes_cold(sql, ctx)
+
+    def _writes_cold(self, sql: bytes, ctx: CacheContext) -> tuple[str, ...]:
+        if not self._started:
+            return ()
+        db = self._dbs.get(ctx.database)
+        if db is None:
+            return ()
+        try:
+            text = sql.decode("utf-8")
+        except UnicodeDecodeError:
+            return ()
+        info = analysis.analyze(text)
+        facts = self._syntax(text, S.shape_of(text)[0])
+        w, cacheable = self._write_targets(db, ctx, info, facts)
+        if cacheable:
+            if len(self._writes) >= self.cfg.analysis_cache_size:
+                del self._writes[next(iter(self._writes))]
+            self._writes[(sql, ctx.scope)] = w
+        return w
+
+    def _write_targets(self, db: DatabaseState, ctx: CacheContext, info: analysis.StatementInfo,
+                       facts: S.SyntaxFacts) -> tuple[tuple[str, ...], bool]:
+        """(generation keys written, whether that answer can be remembered for the text)."""
+        if S.flushes_on_sight(facts):
+            return (FLUSH,), True
+        kinds = {s.kind for s in info.statements}
+        if "ddl" in kinds:
+            targeted = {"TruncateStmt", "RefreshMatViewStmt"}
+            ddl_nodes = {n for n in facts.statements if n not in ("SelectStmt", "InsertStmt", "UpdateStmt",
+                                                                      "DeleteStmt", "MergeStmt", "CopyStmt",
+                                                                      "TransactionStmt", "VariableSetStmt")}
+            if not ddl_nodes <= targeted or facts.truncate_cascade:
+                return (FLUSH, CATALOG), True
+        if not db.serving:
+            # Nothing of this database is served, and it gets a new epoch when it is served again.
+            return (), False
+        snap = db.snapshot
+        if not facts.functions.isdisjoint(snap.volatile_names):
+            return (FLUSH,), True     # a volatile user function may write anywhere
+        if not info.tables_written:
+            return (), True
+        if db.snapshot_stale:
+            return (FLUSH,), False    # names may resolve differently after the DDL just seen
+        out: list[str] = []
+        for name in info.tables_written:
+            rels = snap.resolve(name, ctx.schemas)
+            if rels is None:
+                return (FLUSH,), True
+            for r in rels:
+                if r.kind == "v":
+                    return (FLUSH,), True
+                if r.kind != "f":
+                    out.append(self._element(db, r.field))
+        return tuple(dict.fromkeys(out)), True
+
+    # ================================================================ key, lookup, fill
+
+    def key(self, ctx: CacheContext, sql: bytes, params: bytes = b"", formats: bytes = b"") -> bytes:
+        if params and S.params_have_moving_input(params):
+            return NO_KEY
+        h = hashlib.blake2b(ctx.digest, digest_size=16)
+        h.update(len(sql).to_bytes(4, "little"))
+        h.update(sql)
+        h.update(len(params).to_bytes(4, "little"))
+        h.update(params)
+        h.update(formats)
+        return h.digest()
+
+    async def lookup(self, key: bytes, tables) -> tuple[bytes | None, object]:
+        """(entry or None, token or None); never raises, bounded by redis_timeout."""
+        reason = self._lookup_refusal(key, tables)
+        if reason is not None:
+            self.bypass[reason] += 1
+            return None, None
+        fields = tables.fields
+        l1 = self.l1.get(key)
+        tag, value, reason = await self.store.lookup(tables.db.hash_key if fields else None, fields,
+                                                     self.store.entry_key(key), l1.tag if l1 is not None else "")
+        if tag is None:
+            self.bypass[reason] += 1
+            return None, None
+        token = (tag, tables.version)
+        if l1 is not None:
+            if l1.tag == tag:
+                self.hits += 1
+                self.hits_l1 += 1
+                self._count_hit(l1.template)
+                return l1.payload, token
+            self.l1.drop(key)
+        if value is not None:
+            start = len(tag) + 1
+            end = value.find(b"\n", start)
+            if end > 0:
+                template = value[start:end].decode("utf-8", "replace")
+                payload = value[end + 1:]
+                self.l1.put(key, L1Entry(tag, payload, template, tuple(tables)))
+                self.hits += 1
+                self._count_hit(template)
+                return payload, token
+        self.misses += 1
+        return None, token
+
+    def _lookup_refusal(self, key: bytes, tables) -> str | None:
+        if not key:
+            return "volatile_param"
+        if not self._started:
+            return S.DISABLED
+        db = getattr(tables, "db", None)
+        if db is None:
+            return "not_a_verdict"      # lookup() needs the verdict's own tables object
+        if tables.version != self.catalog_version:
+            return "catalog_changed"
+        if not db.serving:
+            return "not_ready"
+        if not self.store.serving:
+            return self.store.bypass_reason
+        return None
+
+    def _count_hit(self, template: str) -> None:
+        s = self.templates.peek(template)
+        if s is not None:
+            s.hits += 1
+
+    def fill(self, key: bytes, tables, token, payload: bytes, exec_us: int, template: str) -> None:
+        """Offer a result read from Postgres after lookup() missed; stored in the background if admitted."""
+        if token is None or not key:
+            return
+        tag, version = token
+        if version != self.catalog_version or not self._started:
+            self.fills_rejected["catalog_changed"] += 1
+            return
+        db = getattr(tables, "db", None)
+        if db is None or not db.serving or not self.store.serving:
+            self.fills_rejected["not_serving"] += 1
+            return
+        stats = self.templates.get(template)
+        stats.offered += 1
+        stats.exec_us_sum += exec_us
+        stats.bytes_sum += len(payload)
+        size = len(payload)
+        if size > self.cfg.max_entry_bytes:
+            self.fills_rejected["too_large"] += 1
+            return
+        current = self.l1.get(key)
+        if current is not None and current.tag == tag:
+            self.fills_rejected["in_flight"] += 1    # the same result is stored already (or on its way)
+            return
+        if not self.admission.admit(stats):
+            self.fills_rejected["not_admitted"] += 1
+            return
+        if self.store.shared:
+            now = time.monotonic()
+            stored = self._stored
+            while stored and stored[0][0] <= now:
+                self._stored_bytes -= stored.popleft()[1]
+            if self._stored_bytes + size > self.cfg.redis_max_bytes:
+                self.fills_rejected["full"] += 1
+                return
+            stored.append((now + self.cfg.default_ttl, size))
+            self._stored_bytes += size
+            value = b"".join((tag.encode(), b"\n", template.replace("\n", " ").encode(), b"\n", payload))
+            self.store.store(self.store.entry_key(key), value, self._ttl_ms)
+        stats.admitted += 1
+        self.fills += 1
+        self.fill_bytes += size
+        self.l1.put(key, L1Entry(tag, payload, template, tuple(tables)))
+
+    # ================================================================ invalidation
+
+    async def invalidate(self, tables) -> bool:
+        """Bump these generation keys (FLUSH: everything; CATALOG: verdicts too) before the client hears back.
+
+        True once the shared tier acknowledged; False if it could not be recorded, and then nothing is served
+        until the generations are consistent again. Never raises; bounded by redis_timeout."""
+        if not tables or not self._started:
+            return True
+        catalog = CATALOG in tables
+        flush = catalog or FLUSH in tables
+        if catalog:
+            self._catalog_changed(None)
+        groups: dict[str, list[str]] = {}
+        for t in tables:
+            if t[0] == "*":
+                continue
+            parts = self._elements.get(t)
+            if parts is None:
+                name, _, field = t.partition("/")
+                db = self._dbs.get(name)
+                if db is None:
+                    continue
+                parts = (db.hash_key, field)
+            groups.setdefault(parts[0], []).append(parts[1])
+        if not groups and not flush:
+            return True
+        message = CATALOG if catalog else FLUSH if flush else "\n".join(t for t in tables if t[0] != "*")
+        try:
+            ok = await self.store.bump(flush, groups, message)
+        except Exception:  # noqa: BLE001 - never raise into the session
+            log.exception("cache: invalidation failed")
+            ok = False
+        if flush:
+            self.l1.clear()
+            self.flushes += 1
+        else:
+            self.l1.drop_tables(tables)
+        self.invalidations += 1
+        self.invalidated_keys += sum(len(f) for f in groups.values())
+        if not ok:
+            self.invalidation_failures += 1
+        return ok
+
+    def _on_message(self, data: bytes) -> None:
+        """Another instance invalidated: forget local copies now (lookups would refuse them anyway)."""
+        if data[:1] == b"*":
+            self.l1.clear()
+            if data == CATALOG.encode():
+                for db in self._dbs.values():
+                    if db.check_now is not None:
+                        db.check_now.set()
+            return
+        self.l1.drop_tables(data.decode("utf-8", "replace").split("\n"))
+
+    def _catalog_changed(self, db: DatabaseState | None) -> None:
+        """Forget every verdict and remembered write set before anything else acts on the change."""
+        self.catalog_version += 1
+        self._verdicts.clear()
+        self._shapes.clear()
+        self._writes.clear()
+        for d in ([db] if db is not None else self._dbs.values()):
+            d.catalog_changes += 1
+            d.snapshot_stale = True
+            if d.fresh is not None:
+                d.fresh.clear()
+                d.check_now.set()
+
+    async def _catalog_loop(self, db: DatabaseState) -> None:
+        """Load the snapshot; then compare the catalog signature every catalog_check_interval (or when hinted)."""
+        import asyncpg
+        interval = self.cfg.catalog_check_interval
+        while True:
+            try:
+                await asyncio.wait_for(db.check_now.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            db.check_now.clear()
+            try:
+                await self._refresh_catalog(db)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as e:
+                db.last_error = f"catalog: {e}"
+                db.drop_connection()
+                await asyncio.sleep(min(interval, 1.0))
+            except Exception:  # noqa: BLE001
+                log.exception("cache: catalog check of %s failed", db.name)
+                await asyncio.sleep(interval)
+
+    async def _refresh_catalog(self, db: DatabaseState) -> None:
+        timeout = self.cfg.analysis_timeout + 3
+        async with db.lock:
+            conn = await db.connection(timeout)
+            if db.snapshot is not None and not db.snapshot_stale:
+                if await asyncio.wait_for(catalog_signature(conn), timeout) == db.snapshot.signature:
+                    return
+                changed = True
+            else:
+                changed = False   # first load, or a change already acted on (stale)
+            version = self.catalog_version
+            snap = await asyncio.wait_for(load_snapshot(conn), timeout)
+        if changed:
+            log.info("cache: catalog of %s changed; verdicts forgotten, entries flushed", db.name)
+            self._catalog_changed(db)
+            db.snapshot, db.snapshot_stale = snap, False
+            db.fresh.set()
+            await self.invalidate((FLUSH,))
+            return
+        if version != self.catalog_version:
+            db.check_now.set()    # another change was acted on meanwhile: load again
+            return
+        db.snapshot, db.snapshot_stale = snap, False
+        db.fresh.set()
+
+    # ================================================================ change feed
+
+    async def _feed_live(self, db: DatabaseState) -> None:
+        """A new slot exists: from here on no write is missed. Load the catalog, retire older entries, serve."""
+        while db.snapshot is None or db.snapshot_stale:
+            db.check_now.set()
+            await asyncio.sleep(0.02)
+        await self.store.reset_db_epoch(db.hash_key)
+        self.l1.clear()
+        db.feed_live = True
+        log.info("cache: %s served (decoding slot %s)", db.name, db.feed.slot if db.feed else None)
+
+    def _feed_lost(self, db: DatabaseState, error: str) -> None:
+        db.feed_live = False
+        db.last_error = f"decoding: {error}"
+        if not self._stopping:
+            log.warning("cache: lost the decoding slot of %s (%s): not served until a new slot exists", db.name, error)
+            asyncio.get_running_loop().create_task(self.store.reset_db_epoch(db.hash_key))
+
+    async def _decoded(self, db: DatabaseState, txns: list[DecodedTransaction]) -> None:
+        snap = db.snapshot
+        elements: list[str] = []
+        flush = False
+        for t in txns:
+            if t.catalog_only:
+                db.check_now.set()     # DDL (or ANALYZE, a temp table...): the signature tells which
+                continue
+            for name in t.tables:
+                rel = snap.by_name.get(name) if (snap is not None and name is not None) else None
+                if rel is None:
+                    flush = True       # a table the snapshot does not know yet
+                    break
+                elements.append(self._element(db, rel.field))
+        if flush:
+            elements = [FLUSH]
+            db.check_now.set()
+        if elements:
+            self.decoded_invalidations += 1
+            await self.invalidate(tuple(dict.fromkeys(elements)))
+
+    # ================================================================ stats
+
+    def stats(self) -> dict:
+        dbs = {}
+        lag_last = lag_max = 0.0
+        for db in self._dbs.values():
+            feed = db.feed.stats() if db.feed is not None else {}
+            if feed:
+                lag_last = max(lag_last, feed["lag"]["last_seconds"])
+                lag_max = max(lag_max, feed["lag"]["max_seconds"])
+            dbs[db.name] = {"serving": db.serving, "catalog_loaded": db.snapshot is not None,
+                            "catalog_stale": db.snapshot_stale, "catalog_changes": db.catalog_changes,
+                            "relations": len(db.snapshot.by_oid) if db.snapshot else 0,
+                            "last_error": db.last_error, "decoding": feed}
+        return {
+            "serving": self.serving, "hits": self.hits, "hits_l1": self.hits_l1, "misses": self.misses,
+            "bypass": dict(self.bypass), "uncacheable": dict(self.uncacheable),
+            "fills": self.fills, "fill_bytes": self.fill_bytes, "fills_rejected": dict(self.fills_rejected),
+            "l1_bytes": self.l1.bytes, "l1_entries": len(self.l1), "l1_evictions": self.l1.evictions,
+            "stored_bytes_estimate": self._stored_bytes,
+            "invalidations": self.invalidations, "invalidated_keys": self.invalidated_keys, "flushes": self.flushes,
+            "invalidation_failures": self.invalidation_failures, "decoded_invalidations": self.decoded_invalidations,
+            "decoding_lag_seconds": lag_last, "decoding_lag_max_seconds": lag_max,
+            "verdicts": len(self._verdicts), "probes": self.probes, "probe_errors": self.probe_errors,
+            "probe_queue": sum(db.queue.qsize() for db in self._dbs.values() if db.queue is not None),
+            "catalog_version": self.catalog_version, "templates": len(self.templates),
+            "store": self.store.stats(), "databases": dbs,
+        }
