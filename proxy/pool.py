@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgpilot.pool")
 
-# Everything but DataRow, CopyData, NoticeResponse and NotificationResponse is looked at.
-BACKEND_WATCH = frozenset(b"RKSZ123CTtnsIEGHWvV")
+# Everything but DataRow and CopyData is looked at.
+BACKEND_WATCH = frozenset(b"RKSZ123CTtnsIEGHWvVNA")
 
 
 class UpstreamError(Exception):

@@ -20,6 +20,12 @@ from proxy import protocol as P
 from proxy.effects import Effect, effects_of
 from proxy.pool import BackendConnection, Pool, UpstreamError
 from proxy.protocol import MessageSplitter, ProtocolError
+from proxy.protocol import (  # message types as module constants: the hot path compares them per message
+    B_COMMAND_COMPLETE, B_COPY_BOTH, B_COPY_IN, B_COPY_OUT, B_ERROR, B_FUNCTION_RESULT, B_NOTICE,
+    B_NOTIFICATION, B_NO_DATA, B_PARAMETER_STATUS, B_PARAM_DESCRIPTION, B_READY, B_ROW_DESCRIPTION,
+    F_BIND, F_CLOSE, F_COPY_DONE, F_COPY_FAIL, F_DESCRIBE, F_EXECUTE, F_FLUSH, F_FUNCTION_CALL, F_PARSE,
+    F_QUERY, F_SYNC, F_TERMINATE
+)
 from proxy.querylog import QueryEvent
 
 if TYPE_CHECKING:
@@ -429,9 +435,9 @@ class ClientSession(asyncio.Protocol):
                     out.append(item)
                 continue
             t, raw = item
-            if self.skip_until_sync and t != P.F_SYNC and t != P.F_TERMINATE:
+            if self.skip_until_sync and t != F_SYNC and t != F_TERMINATE:
                 continue
-            if t == P.F_SYNC:
+            if t == F_SYNC:
                 self.skip_until_sync = False
                 if be is None:
                     self._answer(P.ready_for_query(self.txn_status), cout)
@@ -439,21 +445,21 @@ class ClientSession(asyncio.Protocol):
                 out.append(raw)
                 pending.append(Pending(t))
                 continue
-            if t == P.F_TERMINATE:
+            if t == F_TERMINATE:
                 self._flush(be, out, cout)
                 self.close()
                 return
-            if t == P.F_FLUSH:
+            if t == F_FLUSH:
                 if be is not None:
                     out.append(raw)
                 continue
-            if (self.cache is not None and not pending and self.txn_status == b"I" and self.pinned is None
-                    and (t == P.F_QUERY or t == P.F_BIND or t == P.F_PARSE)):
+            if (self.cache is not None and not pending and self.txn_status == b"I"
+                    and (t == F_QUERY or t == F_BIND or t == F_PARSE)):
                 if self._cache_req is None:
                     if self._try_cache(items, i - 1, be, out, cout):
                         return
             if be is None:
-                if t == P.F_PARSE and raw[5] != 0:
+                if t == F_PARSE and raw[5] != 0:
                     # A named Parse outside a transaction is only remembered: it is prepared on whichever
                     # backend first needs it, so a synchronous prepare never waits for a busy pool.
                     self._parse_named(raw, None, cout)
@@ -461,7 +467,7 @@ class ClientSession(asyncio.Protocol):
                 self._flush(be, out, cout)
                 self._acquire(items, i - 1)
                 return
-            if t == P.F_QUERY:
+            if t == F_QUERY:
                 P.check_query(raw)
                 sql = raw[5:-1]
                 effects = effects_of(sql)
@@ -473,7 +479,7 @@ class ClientSession(asyncio.Protocol):
                 out.append(raw)
                 if self.cache is not None:
                     self._cache_request_sent(sql)
-            elif t == P.F_EXECUTE:
+            elif t == F_EXECUTE:
                 portal, _ = P.read_cstring(raw, 5)
                 sql = self.portals.get(portal)
                 effects = effects_of(sql) if sql else _NOT_STATEFUL
@@ -483,7 +489,7 @@ class ClientSession(asyncio.Protocol):
                 out.append(raw)
                 if self.cache is not None and sql is not None:
                     self._cache_request_sent(sql)
-            elif t == P.F_BIND:
+            elif t == F_BIND:
                 portal, pos = P.read_cstring(raw, 5)
                 stmt, pos2 = P.read_cstring(raw, pos)
                 if not stmt:
@@ -497,10 +503,10 @@ class ClientSession(asyncio.Protocol):
                         out.append(raw)   # Postgres answers 26000 for the client's own name
                     else:
                         server_name = self._ensure_prepared(be, entry, out)
-                        out.append(P.message(P.F_BIND, portal + b"\0" + server_name + b"\0" + raw[pos2:]))
+                        out.append(P.message(F_BIND, portal + b"\0" + server_name + b"\0" + raw[pos2:]))
                         self.portals[portal] = entry[2]
                 pending.append(Pending(t))
-            elif t == P.F_PARSE:
+            elif t == F_PARSE:
                 P.check_parse(raw)
                 if raw[5] != 0:
                     self._parse_named(raw, be, cout, out)
@@ -510,7 +516,7 @@ class ClientSession(asyncio.Protocol):
                     be.unnamed_key = body
                     pending.append(Pending(t))
                     out.append(raw)
-            elif t == P.F_DESCRIBE:
+            elif t == F_DESCRIBE:
                 what = raw[5]
                 name, _ = P.read_cstring(raw, 6)
                 if what == 0x53:  # 'S'
@@ -523,11 +529,11 @@ class ClientSession(asyncio.Protocol):
                             out.append(raw)
                         else:
                             server_name = self._ensure_prepared(be, entry, out)
-                            out.append(P.message(P.F_DESCRIBE, b"S" + server_name + b"\0"))
+                            out.append(P.message(F_DESCRIBE, b"S" + server_name + b"\0"))
                 else:
                     out.append(raw)
                 pending.append(Pending(t))
-            elif t == P.F_CLOSE:
+            elif t == F_CLOSE:
                 what = raw[5]
                 name, _ = P.read_cstring(raw, 6)
                 if what == 0x53 and name:
@@ -539,9 +545,9 @@ class ClientSession(asyncio.Protocol):
                         self.portals.pop(name, None)
                     pending.append(Pending(t))
                     out.append(raw)
-            elif t == P.F_COPY_DONE or t == P.F_COPY_FAIL:
+            elif t == F_COPY_DONE or t == F_COPY_FAIL:
                 out.append(raw)
-            elif t == P.F_FUNCTION_CALL:
+            elif t == F_FUNCTION_CALL:
                 pending.append(Pending(t, start=time.perf_counter()))
                 out.append(raw)
             else:
@@ -584,31 +590,33 @@ class ClientSession(asyncio.Protocol):
             self._answer(P.PARSE_COMPLETE, cout)
         else:
             be.prepared.add(server_name)
-            self.pending.append(Pending(P.F_PARSE, server_name=server_name))
+            self.pending.append(Pending(F_PARSE, server_name=server_name))
             out.append(P.parse(server_name, body))
 
     def _ensure_prepared(self, be: BackendConnection, entry: tuple, out: list) -> bytes:
         server_name, body, _ = entry
         if server_name not in be.prepared:
             be.prepared.add(server_name)
-            self.pending.append(Pending(P.F_PARSE, hidden=True, server_name=server_name))
+            self.pending.append(Pending(F_PARSE, hidden=True, server_name=server_name))
             out.append(P.parse(server_name, body))
         return server_name
 
     def _ensure_unnamed(self, be: BackendConnection, out: list) -> None:
         if self.unnamed is not None and be.unnamed_key != self.unnamed:
             be.unnamed_key = self.unnamed
-            self.pending.append(Pending(P.F_PARSE, hidden=True))
+            self.pending.append(Pending(F_PARSE, hidden=True))
             out.append(P.parse(b"", self.unnamed))
 
     def _pin_if_needed(self, effects: tuple) -> None:
-        if self.pinned is None:
-            for e in effects:
-                if e.kind == Effect.PIN:
+        for e in effects:
+            if e.kind == Effect.PIN:
+                if e.name == "temporary table":
+                    # A temp table can shadow a shared table of the same name: its results never go to the cache.
+                    self.cache = None
+                if self.pinned is None:
                     self.pinned = e.name
                     log.debug("client %s pinned to backend %s: %s", self.id,
                               self.backend.pid if self.backend else None, e.name)
-                    return
 
     def _query_effects_now(self, effects: tuple, raw: bytes, cout: list) -> bool:
         """Effects acted on when a simple Query is sent; True if the proxy answered it itself."""
@@ -652,12 +660,12 @@ class ClientSession(asyncio.Protocol):
         cache = self.cache
         ctx = self.cache_ctx
         t, raw = items[start]
-        if t == P.F_QUERY:
+        if t == F_QUERY:
             sql = raw[5:-1]
             v = cache.classify(sql, ctx)
             if not v.cacheable:
                 return False
-            req = CacheRequest(P.F_QUERY, sql, cache.key(ctx, sql, b"S"), v.tables, 1)
+            req = CacheRequest(F_QUERY, sql, cache.key(ctx, sql, b"S"), v.tables, 1)
         else:
             req = self._extended_cache_request(items, start, ctx)
             if req is None:
@@ -675,14 +683,14 @@ class ClientSession(asyncio.Protocol):
         j = start
         parse_raw = None
         parsed_name = parsed_body = None
-        if items[j][0] == P.F_PARSE:
+        if items[j][0] == F_PARSE:
             parse_raw = items[j][1]
             parsed_name, pos = P.read_cstring(parse_raw, 5)
             parsed_body = parse_raw[pos:]
             if parsed_name and parsed_name in self.stmts:
                 return None
             j += 1
-        if j >= n or type(items[j]) is not tuple or items[j][0] != P.F_BIND:
+        if j >= n or type(items[j]) is not tuple or items[j][0] != F_BIND:
             return None
         bind = items[j][1]
         portal, pos = P.read_cstring(bind, 5)
@@ -698,20 +706,20 @@ class ClientSession(asyncio.Protocol):
             return None
         j += 1
         describe = False
-        if j < n and type(items[j]) is tuple and items[j][0] == P.F_DESCRIBE:
+        if j < n and type(items[j]) is tuple and items[j][0] == F_DESCRIBE:
             d = items[j][1]
             if d[5] != 0x50 or P.read_cstring(d, 6)[0] != portal:   # only Describe of this portal
                 return None
             describe = True
             j += 1
-        if j >= n or type(items[j]) is not tuple or items[j][0] != P.F_EXECUTE:
+        if j >= n or type(items[j]) is not tuple or items[j][0] != F_EXECUTE:
             return None
         ex = items[j][1]
         ex_portal, pos = P.read_cstring(ex, 5)
         if ex_portal != portal or P.unpack_i32(ex, pos) != 0:
             return None
         j += 1
-        if j >= n or type(items[j]) is not tuple or items[j][0] != P.F_SYNC:
+        if j >= n or type(items[j]) is not tuple or items[j][0] != F_SYNC:
             return None
         j += 1
         v = self.cache.classify(sql, ctx)
@@ -719,7 +727,7 @@ class ClientSession(asyncio.Protocol):
             return None
         key = self.cache.key(ctx, sql, (b"E1" if describe else b"E0") + bind[pos2:])
         prefix = (P.PARSE_COMPLETE if parse_raw is not None else b"") + P.BIND_COMPLETE
-        return CacheRequest(P.F_EXECUTE, sql, key, v.tables, j - start, prefix, parse_raw)
+        return CacheRequest(F_EXECUTE, sql, key, v.tables, j - start, prefix, parse_raw)
 
     async def _cache_lookup(self, req: CacheRequest) -> None:
         t0 = time.perf_counter()
@@ -760,7 +768,7 @@ class ClientSession(asyncio.Protocol):
                 bytes_out=len(entry), sqlstate=None, database=self.database, username=self.user,
                 application_name=self.application_name, client_addr=self.client_addr, backend_pid=None,
                 xact_id=self.server.next_xact_id(), in_transaction=False,
-                protocol="simple" if req.kind == P.F_QUERY else "extended", cache_outcome="hit"))
+                protocol="simple" if req.kind == F_QUERY else "extended", cache_outcome="hit"))
 
     def _cache_request_sent(self, sql: bytes) -> None:
         """A Query/Execute goes to Postgres: start capturing its reply if it was a cache miss; note its writes."""
@@ -831,7 +839,7 @@ class ClientSession(asyncio.Protocol):
         be.owner = self
         self.xact_id = self.server.next_xact_id()
         if be.settings_key != self.settings_key:
-            self.pending.append(Pending(P.F_QUERY, hidden=True))
+            self.pending.append(Pending(F_QUERY, hidden=True))
             be.transport.write(P.query(self._settings_sql()))
             be.settings_key = self.settings_key
         stash, self.stash = self.stash, None
@@ -859,7 +867,7 @@ class ClientSession(asyncio.Protocol):
             return
         self._write(P.error_response(sqlstate, msg))
         first = stash[0] if stash else None
-        if type(first) is tuple and first[0] in (P.F_QUERY, P.F_FUNCTION_CALL):
+        if type(first) is tuple and first[0] in (F_QUERY, F_FUNCTION_CALL):
             self._write(P.ready_for_query(self.txn_status))
             rest = stash[1:]
         else:
@@ -920,7 +928,7 @@ class ClientSession(asyncio.Protocol):
                         capture = self._capture_add(item)
                 continue
             t, raw = item
-            if t == P.B_READY:
+            if t == B_READY:
                 e = pending.popleft() if pending else None
                 status = raw[5:6]
                 self._ready_for_query(status)
@@ -930,7 +938,7 @@ class ClientSession(asyncio.Protocol):
                     out.append(raw)
                     if status == b"I":
                         self.traffic.transactions += 1
-            elif t == P.B_COMMAND_COMPLETE:
+            elif t == B_COMMAND_COMPLETE:
                 e = pending[0] if pending else None
                 if e is None:
                     out.append(raw)
@@ -941,7 +949,7 @@ class ClientSession(asyncio.Protocol):
                     hold_from = len(out)   # committed: readers may fill from here on, record the writes first
                 if capture is not None and not e.hidden:
                     capture = self._capture_done(raw)
-                if e.kind == P.F_QUERY:
+                if e.kind == F_QUERY:
                     if e.hidden:
                         continue
                     if e.effects:
@@ -954,7 +962,7 @@ class ClientSession(asyncio.Protocol):
                         self._statement_effects(e, 0, raw)
                     self._statement_done(e, raw, None, out)
                 out.append(raw)
-            elif t == P.B_ERROR:
+            elif t == B_ERROR:
                 if raw[6:11] in (b"FATAL", b"PANIC"):
                     f = P.parse_error_fields(raw)
                     self._write(b"".join(out))
@@ -972,7 +980,7 @@ class ClientSession(asyncio.Protocol):
                 if e is None:
                     out.append(raw)
                     continue
-                if e.kind == P.F_QUERY or e.kind == P.F_FUNCTION_CALL:
+                if e.kind == F_QUERY or e.kind == F_FUNCTION_CALL:
                     if e.hidden:
                         log.warning("client %s: replaying session settings failed: %s", self.id,
                                     P.parse_error_fields(raw).get("M"))
@@ -983,16 +991,16 @@ class ClientSession(asyncio.Protocol):
                     continue
                 # Extended protocol: the server skips everything up to the next Sync.
                 pending.popleft()
-                if e.kind == P.F_EXECUTE:
+                if e.kind == F_EXECUTE:
                     self._statement_done(e, None, P.error_sqlstate(raw), out)
                 if e.server_name is not None:
                     be.prepared.discard(e.server_name)
-                while pending and pending[0].kind != P.F_SYNC:
+                while pending and pending[0].kind != F_SYNC:
                     d = pending.popleft()
                     if d.server_name is not None:
                         be.prepared.discard(d.server_name)
                 out.append(raw)
-            elif t == P.B_PARAMETER_STATUS:
+            elif t == B_PARAMETER_STATUS:
                 name, pos = P.read_cstring(raw, 5)
                 value, _ = P.read_cstring(raw, pos)
                 key, val = name.decode(), value.decode()
@@ -1001,16 +1009,20 @@ class ClientSession(asyncio.Protocol):
                     out.append(raw)
                 elif not (pending and pending[0].hidden):
                     out.append(raw)
-            elif t == P.B_ROW_DESCRIPTION:
+            elif t == B_ROW_DESCRIPTION:
                 e = pending[0] if pending else None
-                if e is not None and e.kind == P.F_DESCRIBE:
+                if e is not None and e.kind == F_DESCRIBE:
                     pending.popleft()
                 if e is None or not e.hidden:
                     out.append(raw)
                     if capture is not None:
                         capture = self._capture_add(raw)
-            elif t == P.B_PARAM_DESCRIPTION or t == P.B_COPY_IN or t == P.B_COPY_OUT or t == P.B_COPY_BOTH \
-                    or t == P.B_FUNCTION_RESULT:
+            elif t == B_NOTICE or t == B_NOTIFICATION:
+                # Forwarded as they come, never part of a cached result.
+                if not (pending and pending[0].hidden):
+                    out.append(raw)
+            elif t == B_PARAM_DESCRIPTION or t == B_COPY_IN or t == B_COPY_OUT or t == B_COPY_BOTH \
+                    or t == B_FUNCTION_RESULT:
                 if not (pending and pending[0].hidden):
                     out.append(raw)
             else:
@@ -1019,16 +1031,16 @@ class ClientSession(asyncio.Protocol):
                 if e is None:
                     out.append(raw)
                     continue
-                if e.kind == P.F_QUERY:         # EmptyQueryResponse inside a simple Query
+                if e.kind == F_QUERY:         # EmptyQueryResponse inside a simple Query
                     if not e.hidden:
                         out.append(raw)
                     continue
                 pending.popleft()
                 if not e.hidden:
                     out.append(raw)
-                    if capture is not None and t == P.B_NO_DATA:
+                    if capture is not None and t == B_NO_DATA:
                         capture = self._capture_add(raw)
-                    if e.kind == P.F_EXECUTE:
+                    if e.kind == F_EXECUTE:
                         self._statement_done(e, None, None, out)
             # Answers the proxy gives itself go out once everything before them has.
             while pending and pending[0].synthetic is not None:
@@ -1137,8 +1149,8 @@ class ClientSession(asyncio.Protocol):
             bytes_out=nbytes, sqlstate=sqlstate, database=self.database, username=self.user,
             application_name=self.application_name, client_addr=self.client_addr,
             backend_pid=self.backend.pid if self.backend else None, xact_id=self.xact_id,
-            in_transaction=self.txn_status != b"I", protocol="simple" if e.kind == P.F_QUERY else "extended",
-            stmt_index=e.done if e.kind == P.F_QUERY else None))
+            in_transaction=self.txn_status != b"I", protocol="simple" if e.kind == F_QUERY else "extended",
+            stmt_index=e.done if e.kind == F_QUERY else None))
 
     # ================================================================ helpers
 
