@@ -329,22 +329,20 @@ def analyze_uncached(sql: str, key: str | None = None) -> StatementInfo:
             key, clean = literal_key(sql)
             if not clean:
                 key = None
-        literals = _lex(sql)[0]
+        literals, comments, _, _ = _lex(sql)
         if key is not None:
             return StatementInfo(_sha1_fingerprint(key), key.replace(PLACEHOLDER, "?").strip(), "other",
                                  (), (), len(literals), False)
-        redacted = _replace_spans(sql, literals, lambda i: "?")
-        return StatementInfo(_sha1_fingerprint(sql), redacted.strip(), "other", (), (), len(literals), False)
-
-
-def _replace_spans(sql: str, spans: list[tuple[int, int]], repl) -> str:
-    out, pos = [], 0
-    for i, (s, e) in enumerate(spans):
-        out.append(sql[pos:s])
-        out.append(repl(i))
-        pos = e
-    out.append(sql[pos:])
-    return "".join(out)
+        # Literals become "?" and comments go, as in the key; the fingerprint is of the raw text.
+        edits = sorted([(s, e, "?") for s, e in literals] + [(s, e, " ") for s, e in comments])
+        out, pos = [], 0
+        for s, e, replacement in edits:
+            if s >= pos:
+                out.append(sql[pos:s])
+                out.append(replacement)
+                pos = e
+        out.append(sql[pos:])
+        return StatementInfo(_sha1_fingerprint(sql), "".join(out).strip(), "other", (), (), len(literals), False)
 
 
 def _analyze(sql: str) -> StatementInfo:

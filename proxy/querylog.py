@@ -29,18 +29,21 @@ dropped, counted exactly in `dropped`, and reported by a rate-limited log line.
 
 Counters (plain ints, also in `stats()`): `submitted` counts events; `written`, `spooled`, `replayed` and
 `dropped` count log rows (one per event, except split multi-statement events). `written` includes
-`replayed`. After a flush, submitted == written + dropped + (spooled - replayed) for single-statement events;
-`replayed` may include rows spooled by an earlier process with the same proxy id.
+`replayed`. After a flush, submitted == written + dropped + (spooled - replayed) for single-statement events
+of one writer alone on its spool directory; `replayed` also counts rows that an earlier process (a proxy
+before its restart) spooled in the same directory.
 """
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import fcntl
 import heapq
 import io
 import ipaddress
 import json
 import logging
+import os
 import random
 import re
 import time
@@ -119,7 +122,7 @@ _PARTITION_NAME = re.compile(r"^query_events_(\d{8})$")
 _DAY = 86400
 _EPOCH = dt.date(1970, 1, 1)
 _UTC = dt.timezone.utc
-_ANALYSE_CHUNK = 256          # events analysed between two yields to the event loop
+_ANALYSE_SLICE = 0.001        # seconds of analysis between two yields to the event loop
 _SPOOL_LINE_ROWS = 200        # rows per spool line (one JSON document)
 _COPY_ROWS = 1000             # rows per COPY statement (a batch may take several, in one transaction)
 _OUTBOX_BATCHES = 4           # analysed batches that may wait for the store before spilling to the spool
@@ -230,10 +233,13 @@ class _TransientStoreError(Exception):
 
 
 class Spool:
-    """A bounded local spill of analysed rows: JSON-lines segment files, replayed oldest first.
+    """A bounded local spill of analysed rows: JSON-lines segment files in spool_dir, replayed oldest first.
 
     Each line is one JSON document {"templates": {...}, "rows": [[...], ...]} with ts as epoch seconds.
-    A segment is deleted once its rows are committed to the store (a crash in between replays it again).
+    A writer holds an exclusive flock on the segment it appends to; once rotated (or once its process is
+    gone) any writer using the same directory may claim it, replay it and delete it. So a restarted proxy,
+    whose proxy id differs, still replays what its predecessor spooled. max_bytes bounds the directory.
+    A crash between the store's commit and the deletion replays a segment twice (at least once delivery).
     """
 
     def __init__(self, directory: str, proxy_id: str, max_bytes: int):
@@ -241,10 +247,8 @@ class Spool:
         self.prefix = "querylog-" + re.sub(r"[^A-Za-z0-9_.-]", "_", proxy_id) + "-"
         self.max_bytes = max_bytes
         self.segment_bytes = max(16 * 1024, min(2 * 1024 * 1024, max_bytes // 4))
-        self.bytes = 0
-        self._closed: deque[tuple[Path, int]] = deque()   # (path, size) of segments ready for replay
-        self._active = None
-        self._active_path: Path | None = None
+        self.bytes = 0                 # all segments in the directory, as last counted plus our own changes
+        self._active = None            # the segment we append to, flock'ed
         self._active_bytes = 0
         self._seq = 0
         self.usable = False
@@ -253,23 +257,35 @@ class Spool:
         try:
             if self.max_bytes > 0:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                found = sorted(self.directory.glob(self.prefix + "*.jsonl"))
-                for path in found:
-                    size = path.stat().st_size
-                    self._closed.append((path, size))
-                    self.bytes += size
-                    self._seq = max(self._seq, int(path.stem.rsplit("-", 1)[1]) + 1)
-                if found:
-                    log.info("query log spool: %d segment(s), %d bytes left by an earlier run to replay",
-                             len(found), self.bytes)
+                self.bytes = self._count_bytes()
+                if self.bytes:
+                    log.info("query log spool %s: %d bytes left by earlier runs, to replay", self.directory,
+                             self.bytes)
                 self.usable = True
-        except (OSError, ValueError) as e:
+        except OSError as e:
             log.error("query log spool %s unusable (%s): events will be dropped while the store is away",
                       self.directory, e)
 
-    @property
-    def pending(self) -> bool:
-        return bool(self._closed) or self._active_bytes > 0
+    def _segments(self) -> list[Path]:
+        paths = []
+        for path in self.directory.glob("querylog-*.jsonl"):
+            try:
+                paths.append((path.stat().st_mtime, path.name, path))
+            except OSError:
+                pass    # replayed and removed by another writer meanwhile
+        return [p for _, _, p in sorted(paths)]
+
+    def _count_bytes(self) -> int:
+        total = 0
+        for path in self._segments():
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass
+        return total
+
+    def has_segments(self) -> bool:
+        return bool(self._active_bytes) or bool(self._segments())
 
     def append(self, batch: _Batch) -> int:
         """Write as many rows of the batch as fit; returns how many were written."""
@@ -277,86 +293,109 @@ class Spool:
             return 0
         written = 0
         rows = batch.rows
+        recounted = False
         for start in range(0, len(rows), _SPOOL_LINE_ROWS):
             chunk = rows[start:start + _SPOOL_LINE_ROWS]
             fps = {r[_FP] for r in chunk}
             templates = {fp: t for fp, t in batch.templates.items() if fp in fps}
             head = '{"templates":' + json.dumps(templates) + ',"rows":['
+            encoded = [json.dumps(row) for row in chunk]
             room = self.max_bytes - self.bytes - len(head) - 3
-            encoded = []
-            for row in chunk:
-                text = json.dumps(row)
+            if room < len(encoded[0]) and not recounted:
+                self.bytes = self._count_bytes()   # other writers may have replayed some meanwhile
+                recounted = True
+                room = self.max_bytes - self.bytes - len(head) - 3
+            fitting = 0
+            for text in encoded:
                 room -= len(text) + 1
                 if room < 0:
                     break
-                encoded.append(text)
-            if not encoded:
+                fitting += 1
+            if not fitting:
                 break
-            line = (head + ",".join(encoded) + "]}\n").encode("utf-8", "surrogatepass")
+            line = (head + ",".join(encoded[:fitting]) + "]}\n").encode("ascii")
             try:
                 self._write(line)
             except OSError as e:
                 log.error("query log spool write failed: %s", e)
                 break
-            written += len(encoded)
-            if len(encoded) < len(chunk):
+            written += fitting
+            if fitting < len(chunk):
                 break
         return written
 
     def _write(self, line: bytes) -> None:
         if self._active is None:
-            self._active_path = self.directory / f"{self.prefix}{self._seq:08d}.jsonl"
+            path = self.directory / f"{self.prefix}{self._seq:08d}.jsonl"
             self._seq += 1
-            self._active = open(self._active_path, "ab")
+            # Locked before it appears under its .jsonl name, so no other writer can claim it half-written.
+            pending = path.with_suffix(".new")
+            f = open(pending, "ab")
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(pending, path)
+            self._active = f
             self._active_bytes = 0
         self._active.write(line)
         self._active.flush()
         self._active_bytes += len(line)
         self.bytes += len(line)
         if self._active_bytes >= self.segment_bytes:
-            self._rotate()
+            self.rotate()
 
-    def _rotate(self) -> None:
+    def rotate(self) -> None:
+        """Close the segment we append to, which makes it replayable."""
         if self._active is not None:
             self._active.close()
-            self._closed.append((self._active_path, self._active_bytes))
             self._active = None
             self._active_bytes = 0
 
-    def oldest(self) -> tuple[Path, int] | None:
-        """The oldest segment to replay (closing the active one if it is the only one left)."""
-        if not self._closed and self._active_bytes:
-            self._rotate()
-        return self._closed[0] if self._closed else None
+    def claim_oldest(self):
+        """The oldest segment no other writer holds, opened and locked, or None."""
+        if not self.usable:
+            return None
+        for attempt in range(2):
+            for path in self._segments():
+                try:
+                    f = open(path, "rb")
+                except OSError:
+                    continue
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if os.fstat(f.fileno()).st_ino != path.stat().st_ino:
+                        raise OSError("replaced meanwhile")
+                except OSError:   # held by a live writer, or replayed and removed meanwhile
+                    f.close()
+                    continue
+                return path, f
+            if attempt == 0 and self._active_bytes:
+                self.rotate()   # nothing else to replay: our own segment goes too
+            else:
+                break
+        return None
 
-    def read(self, path: Path) -> list[_Batch]:
-        batches = []
+    @staticmethod
+    def parse_line(line: bytes) -> _Batch | None:
         try:
-            data = path.read_bytes()
-        except OSError as e:
-            log.error("query log spool segment %s unreadable (%s): skipped", path, e)
-            return batches
-        for line in data.splitlines():
-            try:
-                doc = json.loads(line)
-                rows = [tuple(r) for r in doc["rows"]]
-                batches.append(_Batch(rows, doc.get("templates", {}), 0, replay=True))
-            except (ValueError, KeyError, TypeError):
-                log.warning("query log spool segment %s: a damaged line skipped", path.name)
-        return batches
+            doc = json.loads(line)
+            return _Batch([tuple(r) for r in doc["rows"]], doc.get("templates", {}), 0, replay=True)
+        except (ValueError, KeyError, TypeError):
+            log.warning("query log spool: a damaged line skipped")
+            return None
 
-    def remove_oldest(self) -> None:
-        path, size = self._closed.popleft()
-        self.bytes -= size
+    def release(self, claim, replayed: bool) -> None:
+        path, f = claim
         try:
-            path.unlink()
+            if replayed:
+                size = os.fstat(f.fileno()).st_size
+                path.unlink()
+                self.bytes = max(0, self.bytes - size)
         except OSError as e:
             log.warning("query log spool: cannot remove %s: %s", path, e)
+        finally:
+            f.close()
 
     def close(self) -> None:
-        if self._active is not None:
-            self._active.close()
-            self._active = None
+        self.rotate()
 
 
 class QueryLog:
@@ -493,7 +532,7 @@ class QueryLog:
         deadline = loop.time() + timeout
         self._wake()
         while (self._settled < target or self._outbox or self._inflight is not None
-               or (include_spool and self._spool.pending)):
+               or (include_spool and self._spool.has_segments())):
             if loop.time() > deadline:
                 return False
             self._wake()
@@ -542,9 +581,11 @@ class QueryLog:
         analyze = self.analyzer.analyze
         with_params = self.cfg.parameters
         settled = len(events)
+        slice_start = time.perf_counter()
         for i, ev in enumerate(events):
-            if i and i % _ANALYSE_CHUNK == 0:
+            if not i & 31 and time.perf_counter() - slice_start > _ANALYSE_SLICE:
                 await asyncio.sleep(0)
+                slice_start = time.perf_counter()
             try:
                 info = analyze(ev.sql)
                 stmts = info.statements
@@ -708,8 +749,8 @@ class QueryLog:
                 elif self._store_closing:
                     await self._refresh_last_seen()
                     return
-                elif self._spool.pending:
-                    await self._replay_oldest()
+                elif await self._replay_oldest():
+                    pass
                 elif loop.time() >= self._next_maintenance:
                     await self.run_maintenance()
                 elif loop.time() >= self._next_refresh:
@@ -851,24 +892,32 @@ class QueryLog:
             if r[0] > seen.get(fp, 0.0):
                 seen[fp] = r[0]
 
-    async def _replay_oldest(self) -> None:
-        oldest = self._spool.oldest()
-        if oldest is None:
-            return
-        path, _ = oldest
-        batches = self._spool.read(path)
-        rows = [r for b in batches for r in b.rows]
-        templates: dict[str, list] = {}
-        for b in batches:
-            templates.update(b.templates)
-        if rows:
-            batch = _Batch(rows, templates, 0, replay=True)
-            await self._ship(batch)
-            self.written += len(batch.rows)
-            self.replayed += len(batch.rows)
-        self._spool.remove_oldest()
-        if not self._spool.pending:
-            log.info("query log spool replayed (%d rows in total so far)", self.replayed)
+    async def _replay_oldest(self) -> bool:
+        """Replay one spool segment if there is one to claim; returns whether there was."""
+        claim = self._spool.claim_oldest()
+        if claim is None:
+            return False
+        replayed = False
+        try:
+            rows: list[tuple] = []
+            templates: dict[str, list] = {}
+            for line in claim[1].read().splitlines():
+                batch = self._spool.parse_line(line)
+                if batch is not None:
+                    rows.extend(batch.rows)
+                    templates.update(batch.templates)
+                await asyncio.sleep(0)   # a segment is megabytes of JSON: let clients through between lines
+            if rows:
+                batch = _Batch(rows, templates, 0, replay=True)
+                await self._ship(batch)
+                self.written += len(batch.rows)
+                self.replayed += len(batch.rows)
+            replayed = True
+        finally:
+            self._spool.release(claim, replayed)
+        if replayed and not self._spool.has_segments():
+            log.info("query log spool replayed (%d rows so far)", self.replayed)
+        return True
 
     async def _load_partitions(self, conn) -> set[int]:
         days = set()

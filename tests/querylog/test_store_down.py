@@ -104,28 +104,24 @@ def test_tiny_queue_and_spool_drop_exactly_the_missing_events(tmp_path, store):
     assert len(set(stored)) == len(stored)                  # and nothing was written twice
 
 
-def test_the_spool_outlives_the_writer(tmp_path, store):
+def test_a_restarted_proxy_replays_what_its_predecessor_spooled(tmp_path, store):
     cluster, dsn = store
     cfg = make_config(tmp_path)
 
-    async def while_down():
-        log = QueryLog(cfg, dsn, "p1")
+    async def run(proxy_id, submit):
+        log = QueryLog(cfg, dsn, proxy_id)
         await log.start()
-        await _submit_in_waves(log, 0, 2, 25)
-        await log.stop()
-        return log
-
-    async def after_restart():
-        log = QueryLog(cfg, dsn, "p1")
-        await log.start()
-        assert await log.flush(timeout=60, include_spool=True)
+        if submit:
+            await _submit_in_waves(log, 0, 2, 25)
+        else:
+            assert await log.flush(timeout=60, include_spool=True)
         await log.stop()
         return log
 
     cluster.stop()
-    first = asyncio.run(while_down())
+    first = asyncio.run(run("host:1001", submit=True))
     cluster.start()
-    second = asyncio.run(after_restart())
+    second = asyncio.run(run("host:1002", submit=False))   # a new process: another proxy id
     assert (first.spooled, first.written, first.dropped) == (50, 0, 0)
     assert second.replayed == 50
     assert _stored_ids(dsn) == list(range(50))
