@@ -1,0 +1,32 @@
+"""The session and the writer together: statements run through a real proxy end up in the log store."""
+from __future__ import annotations
+
+import psycopg
+
+from tests.querylog.conftest import fetch
+
+
+def test_statements_through_the_proxy_land_in_the_log_one_row_each(pg, fresh_db, proxy_factory, tmp_path):
+    store = pg.dsn_for(fresh_db)
+    proxy = proxy_factory(dbname=fresh_db, query_log={"enabled": True, "dsn": store, "flush_interval": 0.05,
+                                                      "spool_dir": str(tmp_path / "spool")})
+    # psycopg sends statements without parameters in the simple protocol, the others in the extended one.
+    with psycopg.connect(proxy.dsn(fresh_db), autocommit=True) as client:
+        client.execute("CREATE TABLE acc (id int PRIMARY KEY, bal int)")
+        client.execute("INSERT INTO acc VALUES (1, 10), (2, 20)")
+        client.execute("SELECT bal FROM acc WHERE id = %s", (1,))
+        client.execute("BEGIN; UPDATE acc SET bal = bal - 1 WHERE id = 1; SELECT bal FROM acc; COMMIT")
+    proxy.stop()   # a clean shutdown flushes the log
+
+    rows = fetch(store, "SELECT e.kind, e.protocol, t.normalized_sql, e.rows, e.tables_read, e.tables_written "
+                        "FROM pgpilot.query_events e JOIN pgpilot.templates t USING (fingerprint) "
+                        "ORDER BY e.ts, e.xact_id")
+    assert rows == [
+        ("ddl", "simple", "CREATE TABLE acc (id int PRIMARY KEY, bal int)", None, [], ["acc"]),
+        ("insert", "simple", "INSERT INTO acc VALUES ($1, $2), ($3, $4)", 2, [], ["acc"]),
+        ("select", "extended", "SELECT bal FROM acc WHERE id = $1", 1, ["acc"], []),
+        ("transaction", "simple", "BEGIN", None, [], []),
+        ("update", "simple", "UPDATE acc SET bal = bal - $1 WHERE id = $2", 1, [], ["acc"]),
+        ("select", "simple", "SELECT bal FROM acc", 2, ["acc"], []),
+        ("transaction", "simple", "COMMIT", None, [], []),
+    ]
