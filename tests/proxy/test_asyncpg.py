@@ -150,3 +150,22 @@ def test_asyncpg_query_timeout_cancels_the_query_and_the_connection_stays_usable
             await conn.close()
 
     assert asyncio.run(scenario()) == "usable"
+
+
+def test_asyncpg_without_statement_cache_gets_right_answers_under_contention(proxy, fresh_db):
+    # statement_cache_size=0 is how asyncpg is usually set up behind PgBouncer: unnamed statements,
+    # described in one round trip and executed in the next.
+    async def client(n):
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user="postgres", database=fresh_db,
+                                     statement_cache_size=0, timeout=10)
+        try:
+            return [await conn.fetchval(f"SELECT $1::int * {n}", i) for i in range(50)]
+        finally:
+            await conn.close()
+
+    async def scenario():
+        return await asyncio.gather(*(client(n) for n in range(1, 9)))
+
+    results = asyncio.run(scenario())
+
+    assert results == [[i * n for i in range(50)] for n in range(1, 9)]

@@ -86,6 +86,18 @@ def test_psycopg_copy_round_trips_rows(proxy, fresh_db, items):
     assert copied == rows
 
 
+def test_psycopg_copy_aborted_by_the_client_loads_nothing(proxy, fresh_db, items):
+    with connect(proxy, fresh_db) as conn:
+        with pytest.raises(RuntimeError):  # psycopg sends CopyFail and re-raises
+            with conn.cursor() as cur, cur.copy("COPY items (id, label) FROM STDIN") as copy:
+                for i in range(1000):
+                    copy.write_row((i, "doomed"))
+                raise RuntimeError("the client gives up mid-COPY")
+        count = conn.execute("SELECT count(*) FROM items").fetchone()[0]
+
+    assert count == 0
+
+
 def test_psycopg_named_cursor_streams_rows_inside_a_transaction(proxy, fresh_db):
     stop = threading.Event()
     errors: list[Exception] = []

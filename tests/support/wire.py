@@ -135,8 +135,10 @@ class RawConnection:
     def start(self, user: str, database: str, **params: str) -> list[tuple[bytes, bytes]]:
         """Send a StartupMessage and read to the first ReadyForQuery (trust authentication only)."""
         self.send(startup_packet(user, database, **params))
-        messages = self.read_until_ready()
-        for kind, body in messages:
+        messages = []
+        while not messages or messages[-1][0] != b"Z":
+            kind, body = self.read_message()
+            messages.append((kind, body))
             if kind == b"E":
                 raise RuntimeError(f"startup failed: {error_fields(body)}")
             if kind == b"R" and struct.unpack("!I", body[:4])[0] != 0:
