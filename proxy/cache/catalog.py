@@ -68,8 +68,10 @@ class CatalogSnapshot:
 
         has_parent: set[int] = set()
         foreign_members: set[int] = set()
+        nodes: set[int] = set()
         for child, par in inherits:
             has_parent.add(child)
+            nodes.update((child, par))
             for x in (child, par):
                 if x not in self.by_oid:
                     foreign_members.add(x)   # a temporary (or otherwise unlisted) member
@@ -77,7 +79,7 @@ class CatalogSnapshot:
             if a != b:
                 parent[max(a, b)] = min(a, b)
         members: dict[int, list[int]] = {}
-        for x in list(parent):
+        for x in nodes:
             members.setdefault(find(x), []).append(x)
         for group in members.values():
             listed = [self.by_oid[x] for x in group if x in self.by_oid]

@@ -6,6 +6,7 @@ digest, the scope under which statement verdicts are cached, the expanded search
 from __future__ import annotations
 
 import hashlib
+import re
 
 # Session settings that change the bytes of a result (or how a text parses), by lower-cased name. The session
 # passes those it knows; a missing one means the server default, which is part of the catalog state.
@@ -24,33 +25,21 @@ def _scope_id(database: str, role: str, search_path: str) -> int:
     return sid
 
 
+_PATH_ELEMENT = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,\s"]+))\s*(?:,|\Z)')
+
+
 def split_search_path(value: str) -> list[str]:
-    """The schema names of a search_path value, unquoted ("$user" stays as the marker $user)."""
-    names, cur, quoted, i = [], [], False, 0
-    was_quoted = False
-    while i < len(value):
-        ch = value[i]
-        if quoted:
-            if ch == '"':
-                if value[i + 1:i + 2] == '"':
-                    cur.append('"')
-                    i += 1
-                else:
-                    quoted = False
-            else:
-                cur.append(ch)
-        elif ch == '"':
-            quoted = was_quoted = True
-        elif ch == ",":
-            names.append("".join(cur) if was_quoted else "".join(cur).strip().lower())
-            cur, was_quoted = [], False
-        elif not ch.isspace() or cur:
-            cur.append(ch)
-        i += 1
-    last = "".join(cur) if was_quoted else "".join(cur).strip().lower()
-    if last or names:
-        names.append(last)
-    return [n for n in names if n != ""]
+    """The schema names of a search_path value, as Postgres splits it: quoted names kept, others lower-cased
+    ("$user" stays as the marker $user). An unsplittable value gives what could be read before the problem."""
+    names, pos = [], 0
+    value = value.strip()
+    while pos < len(value):
+        m = _PATH_ELEMENT.match(value, pos)
+        if m is None or m.end() == pos:
+            break
+        names.append(m.group(1).replace('""', '"') if m.group(1) is not None else m.group(2).lower())
+        pos = m.end()
+    return [n for n in names if n]
 
 
 def quote_ident(name: str) -> str:

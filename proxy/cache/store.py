@@ -292,34 +292,34 @@ class RedisStore(SharedStore):
             return None, None, self.bypass_reason
         conn = self._conn
         keys = (self.epoch_key, entry_key, hash_key) if hash_key is not None else (self.epoch_key, entry_key)
-        try:
-            r = (await conn.send([("EVALSHA", self._sha, len(keys), *keys, l1_tag, *fields)]))[0]
-            if type(r) is resp.RespError and str(r).startswith("NOSCRIPT"):
-                r = (await conn.send([("EVAL", LOOKUP_LUA, len(keys), *keys, l1_tag, *fields)]))[0]
-        except TimeoutError as e:
-            self._failure("lookup", e)
-            return None, None, "redis_timeout"
-        except ConnectionError as e:
-            self._failure("lookup", e)
-            return None, None, "redis_down"
+        command = ("EVALSHA", self._sha, len(keys), *keys, l1_tag, *fields)
+        for attempt in (1, 2):
+            try:
+                r = (await conn.send([command]))[0]
+                if type(r) is resp.RespError and str(r).startswith("NOSCRIPT"):
+                    r = (await conn.send([("EVAL", LOOKUP_LUA, *command[2:])]))[0]
+                if type(r) is not resp.RespError and not r[0] and attempt == 1:
+                    # No epoch (a new database hash, or Redis lost it): create a fresh one, then read again.
+                    init = [("SET", self.epoch_key, new_epoch(), "NX")]
+                    if hash_key is not None:
+                        init.append(("HSETNX", hash_key, "epoch", new_epoch()))
+                    await conn.send(init)
+                    continue
+            except TimeoutError as e:
+                self._failure("lookup", e)
+                return None, None, "redis_timeout"
+            except ConnectionError as e:
+                self._failure("lookup", e)
+                return None, None, "redis_down"
+            break
         if type(r) is resp.RespError:
             self._failure("lookup", r)
             return None, None, "redis_error"
         self._success()
         tag = r[0].decode()
         if not tag:
-            asyncio.get_running_loop().create_task(self._init_epochs(hash_key))
             return None, None, "epoch_missing"
         return tag, (r[1] if len(r) > 1 else None), None
-
-    async def _init_epochs(self, hash_key: str | None) -> None:
-        cmds = [("SET", self.epoch_key, new_epoch(), "NX")]
-        if hash_key is not None:
-            cmds.append(("HSETNX", hash_key, "epoch", new_epoch()))
-        try:
-            await self._conn.send(cmds)
-        except Exception:  # noqa: BLE001 - the next lookup tries again
-            pass
 
     def store(self, entry_key: str, value: bytes, ttl_ms: int) -> None:
         """Queue a SET; queued sets go out together once the current callbacks have run."""

@@ -1,0 +1,236 @@
+"""Pure logic of the cache: statement shapes and syntax facts, Postgres query trees, the RESP parser, the L1,
+admission, contexts and keys."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.cache import NO_KEY, CacheContext, HeuristicAdmission, ResultCache, TemplateStats
+from proxy.cache import safety as S
+from proxy.cache.context import split_search_path
+from proxy.cache.decoding import parse_qualified
+from proxy.cache.l1 import L1Cache, L1Entry
+from proxy.cache.resp import ReplyParser, RespError, encode_command
+from tests.cache.conftest import cache_config
+
+
+# ---------------------------------------------------------------- shapes
+
+def test_texts_differing_only_in_constants_of_one_type_share_a_shape():
+    a, _ = S.shape_of("SELECT * FROM t WHERE id = 1 AND name = 'x'")
+    b, _ = S.shape_of("SELECT * FROM t WHERE id = 42 AND name = 'yy' -- a comment")
+    assert a == b.rstrip()
+
+
+@pytest.mark.parametrize("one, other", [
+    ("SELECT f(1)", "SELECT f('1')"),             # int4 vs unknown-typed string: another overload
+    ("SELECT f(1)", "SELECT f(3000000000)"),      # int4 vs int8
+    ("SELECT f(1)", "SELECT f(1.5)"),             # int4 vs numeric
+])
+def test_constants_of_other_types_get_other_shapes(one, other):
+    assert S.shape_of(one)[0] != S.shape_of(other)[0]
+
+
+@pytest.mark.parametrize("sql", ["SELECT * FROM t WHERE ts > 'now'", "SELECT DATE 'today'",
+                                 "SELECT * FROM t WHERE d < 'tomorrow'::date", "SELECT 'yesterday 10:00'::timestamp"])
+def test_moving_date_inputs_are_spotted(sql):
+    assert S.shape_of(sql) == (None, True)
+
+
+def test_words_containing_now_are_not_moving_inputs():
+    assert S.shape_of("SELECT * FROM t WHERE place = 'nowhere'")[1] is False
+
+
+def test_bound_parameters_spelling_now_are_spotted():
+    assert S.params_have_moving_input(b"\x00\x00\x00\x03NOW")
+    assert not S.params_have_moving_input(b"\x00\x00\x00\x07nowhere")
+
+
+# ---------------------------------------------------------------- syntax facts
+
+@pytest.mark.parametrize("sql, reason", [
+    ("SELECT * FROM t WHERE id = 1", None),
+    ("SELECT now()", S.VOLATILE),
+    ("SELECT random()", S.VOLATILE),
+    ("SELECT nextval('s')", S.VOLATILE),
+    ("SELECT current_user", S.VOLATILE),
+    ("SELECT CURRENT_TIMESTAMP", S.VOLATILE),
+    ("SELECT * FROM t FOR UPDATE", S.LOCKING),
+    ("SELECT * FROM t FOR SHARE SKIP LOCKED", S.LOCKING),
+    ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", S.WRITES),
+    ("SELECT * FROM t TABLESAMPLE system (10)", S.TABLESAMPLE),
+    ("SELECT 1; SELECT 2", S.MULTI_STATEMENT),
+    ("INSERT INTO t VALUES (1)", S.NOT_SELECT),
+    ("SELECT * INTO t2 FROM t", S.NOT_SELECT),
+    ("EXPLAIN SELECT 1", S.NOT_SELECT),
+    ("SELEC 1", S.UNPARSEABLE),
+])
+def test_syntax_refusals(sql, reason):
+    assert S.syntax_facts(sql).reason == reason
+
+
+def test_syntax_facts_find_parameters_by_byte_offset_and_the_statement_span():
+    sql = "SELECT 'é', a FROM t WHERE x = $1 AND y = $2;"
+    f = S.syntax_facts(sql)
+    raw = sql.encode()
+    assert sorted(f.params) == [(1, raw.index(b"$1")), (2, raw.index(b"$2"))]
+    assert raw[f.stmt_start:f.stmt_end] == raw[:-1]
+
+
+def test_call_do_and_execute_flush_on_sight():
+    for sql in ("CALL p()", "DO $$ BEGIN END $$", "EXECUTE s(1)"):
+        assert S.flushes_on_sight(S.syntax_facts(sql))
+    assert not S.flushes_on_sight(S.syntax_facts("SELECT 1"))
+
+
+# ---------------------------------------------------------------- Postgres query trees
+
+_TREE = ('({QUERY :commandType 1 :hasForUpdate false :hasModifyingCTE false :rtable ({RANGETBLENTRY :alias <> '
+         ':eref {ALIAS :aliasname t :colnames ("id" ":funcid\\ 99")} :rtekind 0 :relid 16384 :relkind r '
+         ':tablesample <>} {RANGETBLENTRY :rtekind 1 :subquery <>}) :targetList ({TARGETENTRY :expr {FUNCEXPR '
+         ':funcid 1299 :args <>}} {TARGETENTRY :expr {OPEXPR :opno 521 :opfuncid 147 :args ({CONST :consttype 23 '
+         ':constvalue 4 [ 3 0 0 0 0 0 0 0 ]})}}) :sortClause ({SORTGROUPCLAUSE :eqop 96 :sortop 97}) :rowMarks <>})')
+
+
+def test_query_tree_scan_collects_functions_operators_relations_and_types():
+    f = S.scan_node_tree(_TREE)
+    assert f.reason is None
+    assert f.functions == {1299, 147}
+    assert f.operators == {521, 96, 97}
+    assert f.relations == {16384}
+    assert f.types == {23}
+
+
+@pytest.mark.parametrize("node, reason", [
+    ("{SQLVALUEFUNCTION :op 10 :type 19}", S.VOLATILE),
+    ("{NEXTVALUEEXPR :seqid 5 :typeId 20}", S.VOLATILE),
+])
+def test_query_tree_scan_refuses_value_functions(node, reason):
+    assert S.scan_node_tree(f"({{QUERY :targetList ({{TARGETENTRY :expr {node}}})}})").reason == reason
+
+
+def test_query_tree_scan_refuses_row_marks():
+    assert S.scan_node_tree("({QUERY :rowMarks ({ROWMARKCLAUSE :rti 1})})").reason == S.LOCKING
+
+
+# ---------------------------------------------------------------- RESP
+
+def test_resp_parser_reassembles_replies_split_anywhere():
+    stream = b"+OK\r\n:42\r\n$5\r\nhel\r\n\r\n$-1\r\n*3\r\n$1\r\na\r\n*1\r\n:7\r\n$0\r\n\r\n-ERR bad\r\n"
+    expected = [b"OK", 42, b"hel\r\n", None, [b"a", [7], b""]]
+    for cut in range(1, len(stream)):
+        p = ReplyParser()
+        replies = p.feed(stream[:cut]) + p.feed(stream[cut:])
+        assert replies[:5] == expected
+        assert isinstance(replies[5], RespError) and str(replies[5]) == "ERR bad"
+        assert p.pending_bytes == 0
+
+
+@given(st.lists(st.binary(max_size=40), max_size=6))
+@settings(max_examples=200, deadline=None)
+def test_resp_bulk_strings_round_trip_through_the_command_encoding(values):
+    # A command is an array of bulk strings: parsing it back as a reply gives the same values.
+    assert ReplyParser().feed(encode_command(values)) == [values]
+
+
+# ---------------------------------------------------------------- L1
+
+def test_l1_evicts_least_recently_used_beyond_its_byte_budget():
+    l1 = L1Cache(max_bytes=3 * 1300)
+    for k in (b"a", b"b", b"c"):
+        l1.put(k, L1Entry("tag", b"x" * 1000, "t", ("db/public.t",)))
+    l1.get(b"a")
+    l1.put(b"d", L1Entry("tag", b"x" * 1000, "t", ("db/public.t",)))
+    assert l1.get(b"b") is None and l1.get(b"a") is not None
+    assert l1.bytes <= l1.max_bytes
+
+
+def test_l1_drops_entries_by_the_tables_they_read():
+    l1 = L1Cache(max_bytes=1 << 20)
+    l1.put(b"a", L1Entry("tag", b"1", "t", ("db/public.t", "db/public.u")))
+    l1.put(b"b", L1Entry("tag", b"2", "t", ("db/public.u",)))
+    l1.put(b"c", L1Entry("tag", b"3", "t", ("db/public.v",)))
+    assert l1.drop_tables(["db/public.t"]) == 1
+    assert l1.get(b"a") is None and l1.get(b"b") is not None and l1.get(b"c") is not None
+
+
+# ---------------------------------------------------------------- admission
+
+def _stats(offered, admitted, hits, exec_us, nbytes=100):
+    s = TemplateStats("t")
+    s.offered, s.admitted, s.hits = offered, admitted, hits
+    s.exec_us_sum, s.bytes_sum = exec_us * offered, nbytes * offered
+    return s
+
+
+def test_admission_admits_new_templates():
+    assert HeuristicAdmission(warmup=8).admit(_stats(3, 3, 0, 10))
+
+
+def test_admission_admits_templates_whose_entries_save_time():
+    assert HeuristicAdmission(warmup=8, min_saved_us=200).admit(_stats(100, 20, 60, 500))
+
+
+def test_admission_declines_entries_never_reused_except_to_explore():
+    policy = HeuristicAdmission(warmup=8, min_saved_us=200, explore_every=16)
+    decisions = [policy.admit(_stats(n, 20, 0, 5000)) for n in range(100, 132)]
+    assert decisions.count(True) == 2
+
+
+def test_admission_asks_large_results_to_save_more():
+    policy = HeuristicAdmission(warmup=0, min_saved_us=200, explore_every=1000, size_scale=65536)
+    assert policy.admit(_stats(10, 10, 10, 300, nbytes=1000))
+    assert not policy.admit(_stats(11, 10, 10, 300, nbytes=1 << 20))
+
+
+# ---------------------------------------------------------------- contexts and keys
+
+def test_search_path_is_split_like_postgres_does():
+    assert split_search_path('"$user", public') == ["$user", "public"]
+    assert split_search_path('App, "My ""Schema""" ,x') == ["app", 'My "Schema"', "x"]
+    assert CacheContext("d", "alice", {"search_path": '"$user", public'}).schemas == ("alice", "public")
+
+
+def test_context_settings_are_case_insensitive():
+    a = CacheContext("d", "r", {"TimeZone": "UTC"})
+    b = CacheContext("d", "r", {"timezone": "UTC"})
+    assert a.digest == b.digest
+
+
+@pytest.fixture
+def keyer():
+    return ResultCache(cache_config(None), {})
+
+
+@pytest.mark.parametrize("change", [
+    {"database": "other"}, {"role": "bob"}, {"search_path": "app, public"}, {"TimeZone": "Europe/Paris"},
+    {"DateStyle": "SQL, DMY"}, {"IntervalStyle": "iso_8601"}, {"extra_float_digits": "0"},
+    {"bytea_output": "escape"}, {"client_encoding": "LATIN1"},
+])
+def test_keys_differ_for_anything_that_changes_result_bytes(keyer, change):
+    base = {"database": "app", "role": "alice", "search_path": "public", "TimeZone": "UTC"}
+    other = {**base, **change}
+    ctx = lambda d: CacheContext(d["database"], d["role"], {k: v for k, v in d.items()   # noqa: E731
+                                                           if k not in ("database", "role")})
+    assert keyer.key(ctx(base), b"SELECT 1") != keyer.key(ctx(other), b"SELECT 1")
+
+
+def test_keys_differ_for_parameters_and_formats(keyer):
+    ctx = CacheContext("app", "alice", {})
+    sql = b"SELECT * FROM t WHERE id = $1"
+    assert keyer.key(ctx, sql, b"\x00\x01\x00\x00\x00\x011") != keyer.key(ctx, sql, b"\x00\x01\x00\x00\x00\x012")
+    assert keyer.key(ctx, sql, b"p", b"\x00\x00") != keyer.key(ctx, sql, b"p", b"\x00\x01\x00\x01")
+    # Boundaries are part of the key: moving bytes from the text to the parameters changes it.
+    assert keyer.key(ctx, b"ab", b"c") != keyer.key(ctx, b"a", b"bc")
+
+
+def test_a_parameter_spelling_now_gets_no_key(keyer):
+    assert keyer.key(CacheContext("app", "alice", {}), b"SELECT $1::timestamptz", b"\x00\x03now") == NO_KEY
+
+
+def test_decoded_table_names_are_unquoted():
+    assert parse_qualified("public.t") == ("public", "t")
+    assert parse_qualified('"We ird"."Ta: INSERT:b"') == ("We ird", "Ta: INSERT:b")
+    assert parse_qualified('public."a""b"') == ("public", 'a"b')
+    assert parse_qualified("garbage") is None
