@@ -47,6 +47,8 @@ class ProxyServer:
         self.console = AdminConsole(self)
         self.admin: AdminConsole | None = self.console if config.admin.database else None
         self.cache = None          # the result cache (proxy.cache.ResultCache) when cache.enabled
+        self.guard = None          # inline statement guard (anomaly enforce mode): .check(raw Query/Parse) -> reason|None
+        self.scorer = None         # anomaly scorer fed every finished statement: .submit(QueryEvent)
         self.proxy_id = f"{socket.gethostname()}:{os.getpid()}"
         self._client_ids = 0
         self._xact_ids = 0
@@ -327,11 +329,11 @@ class ProxyServer:
         await self._until_clients_gone(2.0)
         if self.metrics is not None:
             await self.metrics.stop()
+        if self.cache is not None:
+            await _best_effort("result cache", self.cache.stop())
+        await _best_effort("client authentication", self.auth.close())
         if self.query_log is not None:
-            try:
-                await asyncio.wait_for(self.query_log.stop(), 10)
-            except Exception as e:  # the log must never keep the proxy from stopping
-                log.warning("query log did not stop cleanly: %s", e)
+            await _best_effort("query log", self.query_log.stop())
         self.stopped.set()
 
     def _terminate(self, c: ClientSession) -> None:
@@ -409,6 +411,14 @@ class ProxyServer:
         if old.admin.http_listen != new.admin.http_listen:
             self._spawn(self._restart_metrics())
         self._drop_retired_pools()
+
+
+async def _best_effort(what: str, stopping, timeout: float = 10.0) -> None:
+    """Await a component's stop; a component must never keep the proxy from stopping."""
+    try:
+        await asyncio.wait_for(stopping, timeout)
+    except Exception as e:
+        log.warning("%s did not stop cleanly: %s", what, e)
 
 
 def _upstream(db) -> dict:

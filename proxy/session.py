@@ -167,6 +167,8 @@ class ClientSession(asyncio.Protocol):
         self.stats = server.stats
         self.traffic = None                      # TrafficStats of (database, user), set at startup
         self.cache = server.cache                # ResultCache, or None when caching is off
+        self.guard = server.guard                # rejects statements inline (anomaly enforce mode), or None
+        self.scorer = server.scorer              # scores finished statements off the client's path, or None
         self._cache_ctx = None                   # CacheContext for the current settings (built lazily)
         self._cache_req: CacheRequest | None = None   # a looked-up request whose reply should fill the cache
         self._capture: list | None = None        # reply messages being captured for a cache fill
@@ -453,6 +455,13 @@ class ClientSession(asyncio.Protocol):
                 if be is not None:
                     out.append(raw)
                 continue
+            if self.guard is not None and (t == F_QUERY or t == F_PARSE):
+                reason = self.guard.check(raw)
+                if reason is not None:
+                    self._refuse(t, reason, be, out, cout)
+                    if self.closed:
+                        return
+                    continue
             if (self.cache is not None and not pending and self.txn_status == b"I"
                     and (t == F_QUERY or t == F_BIND or t == F_PARSE)):
                 if self._cache_req is None:
@@ -606,6 +615,22 @@ class ClientSession(asyncio.Protocol):
             be.unnamed_key = self.unnamed
             self.pending.append(Pending(F_PARSE, hidden=True))
             out.append(P.parse(b"", self.unnamed))
+
+    def _refuse(self, t: int, reason: str, be, out: list, cout: list) -> None:
+        """A statement the guard rejects never reaches Postgres; inside a transaction the client is closed,
+        since Postgres would have aborted the transaction and we cannot make it do so."""
+        self.stats.count_error("42501")
+        if self.txn_status != b"I" or self.pending:
+            self._flush(be, out, cout)
+            out.clear()
+            cout.clear()
+            self.fatal("42501", f"pgpilot refused the statement: {reason}")
+            return
+        if t == F_QUERY:
+            self._answer(P.error_response("42501", f"pgpilot refused the statement: {reason}"), cout)
+            self._answer(P.ready_for_query(b"I"), cout)
+        else:
+            self._synthetic_error("42501", f"pgpilot refused the statement: {reason}", cout)
 
     def _pin_if_needed(self, effects: tuple) -> None:
         for e in effects:
@@ -1138,19 +1163,23 @@ class ClientSession(asyncio.Protocol):
         e.start = now   # the next statement of a multi-statement Query starts here
         duration_us = int((now - start) * 1e6)
         self.traffic.statement(duration_us, sqlstate)
-        if self.query_log is None or e.sql is None:
+        if (self.query_log is None and self.scorer is None) or e.sql is None:
             return
         sent = self.bytes_out + sum(map(len, out))
         nbytes, self._bytes_mark = sent - self._bytes_mark, sent
         wait_us, self._wait_us = self._wait_us, 0
-        self.query_log.submit(QueryEvent(
+        event = QueryEvent(
             ts=time.time() - (now - start), duration_us=duration_us, wait_us=wait_us,
             sql=e.sql.decode("utf-8", "replace"), rows=P.command_tag_rows(cc) if cc else None,
             bytes_out=nbytes, sqlstate=sqlstate, database=self.database, username=self.user,
             application_name=self.application_name, client_addr=self.client_addr,
             backend_pid=self.backend.pid if self.backend else None, xact_id=self.xact_id,
             in_transaction=self.txn_status != b"I", protocol="simple" if e.kind == F_QUERY else "extended",
-            stmt_index=e.done if e.kind == F_QUERY else None))
+            stmt_index=e.done if e.kind == F_QUERY else None)
+        if self.scorer is not None:
+            self.scorer.submit(event)      # sets event.anomaly_score within milliseconds, before the log writes it
+        if self.query_log is not None:
+            self.query_log.submit(event)
 
     # ================================================================ helpers
 
