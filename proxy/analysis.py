@@ -35,13 +35,13 @@ _KEY_NUM = (r"\d(?<![\w$.]\d)\d*(?:\.\d*)?(?:[eE][+-]?\d+)?(?![\w$])"
             r"|\.\d(?<![\w$.]\.\d)\d*(?:[eE][+-]?\d+)?(?![\w$])")
 _FAST_KEY = re.compile(r"'(?:[^']|'')*'|" + _KEY_NUM)
 _IDENT_NEEDS_LEXER = re.compile(r"[\d']")
-_KEY_LEXER = re.compile(
+_KEY_LEXER = re.compile(   # each alternative starts with a character, not a lookbehind, for speed
     r"""(?P<ident>"(?:[^"]|"")*")"""
     r"|(?P<comment>--[^\n]*|/\*(?:[^*/]|\*(?!/)|/(?!\*))*\*/)"
-    r"|(?P<estr>(?<![\w$])[eE]'(?:[^'\\]|\\[\s\S]|'')*')"
+    r"|(?P<estr>[eE](?<![\w$][eE])'(?:[^'\\]|\\[\s\S]|'')*')"
     r"|(?P<str>'(?:[^']|'')*')"
-    r"|(?P<dollar>(?<![\w$])\$(?P<tag>(?:[A-Za-z_\x80-\U0010ffff]\w*)?)\$[\s\S]*?\$(?P=tag)\$)"
-    r"|(?P<param>(?<![\w$])\$\d+)"
+    r"|(?P<dollar>\$(?<![\w$]\$)(?P<tag>(?:[A-Za-z_\x80-\U0010ffff]\w*)?)\$[\s\S]*?\$(?P=tag)\$)"
+    r"|(?P<param>\$(?<![\w$]\$)\d+)"
     r"|(?P<num>" + _KEY_NUM + r")"
     r"""|(?P<bad>['"]|/\*)"""
 )

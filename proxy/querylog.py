@@ -154,14 +154,13 @@ def _redacted(dsn: str) -> str:
 class _Batch:
     """Analysed rows ready for the store, with the templates among them that the store may not know yet."""
 
-    __slots__ = ("rows", "templates", "events", "replay")
+    __slots__ = ("rows", "templates", "events")
 
-    def __init__(self, rows: list[tuple], templates: dict[str, list], events: int, replay: bool = False):
-        self.rows = rows
+    def __init__(self, rows: list[tuple], templates: dict[str, list], events: int):
+        self.rows = rows                # tuples in COLUMNS order, ts as epoch seconds
         # fingerprint -> [normalized_sql, kind, tables_read, tables_written, sample_sql, first_seen, last_seen]
         self.templates = templates
-        self.events = events            # submitted events this batch settles
-        self.replay = replay
+        self.events = events            # submitted events this batch settles (0 for spool replays)
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -377,7 +376,7 @@ class Spool:
     def parse_line(line: bytes) -> _Batch | None:
         try:
             doc = json.loads(line)
-            return _Batch([tuple(r) for r in doc["rows"]], doc.get("templates", {}), 0, replay=True)
+            return _Batch([tuple(r) for r in doc["rows"]], doc.get("templates", {}), 0)
         except (ValueError, KeyError, TypeError):
             log.warning("query log spool: a damaged line skipped")
             return None
@@ -908,7 +907,7 @@ class QueryLog:
                     templates.update(batch.templates)
                 await asyncio.sleep(0)   # a segment is megabytes of JSON: let clients through between lines
             if rows:
-                batch = _Batch(rows, templates, 0, replay=True)
+                batch = _Batch(rows, templates, 0)
                 await self._ship(batch)
                 self.written += len(batch.rows)
                 self.replayed += len(batch.rows)
