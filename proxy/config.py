@@ -65,7 +65,7 @@ class QueryLogConfig(_Section):
 
 class CacheConfig(_Section):
     enabled: bool = False
-    redis_url: str | None = None
+    redis_url: str | None = None                 # without it, generations live in-process (one proxy only)
     l1_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     max_entry_bytes: int = Field(1024 * 1024, ge=0)
     redis_max_bytes: int = Field(512 * 1024 * 1024, ge=0)   # bytes this proxy keeps stored in Redis, at most
@@ -80,7 +80,7 @@ class CacheConfig(_Section):
     analysis_cache_size: int = Field(50_000, ge=1)    # statement verdicts kept per proxy
     analysis_timeout: float = Field(2.0, gt=0)   # seconds a catalog probe of one statement may take
     admission_warmup: int = Field(8, ge=0)       # fills admitted per template before its statistics decide
-    admission_min_saved_us: float = Field(200.0, ge=0)   # Postgres time an entry must save (reuse x exec time)
+    admission_min_saved_us: float = Field(50.0, ge=0)   # Postgres time an entry must save (reuse x exec time)
     admission_explore_every: int = Field(16, ge=1)       # a declined template is still admitted 1 in N times
     admission_size_scale: int = Field(65536, ge=1)       # bytes per extra min_saved_us required of an entry
 

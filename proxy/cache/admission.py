@@ -54,7 +54,7 @@ class HeuristicAdmission:
     every `explore_every` offers, so its statistics keep up with a workload that changes.
     """
 
-    def __init__(self, warmup: int = 8, min_saved_us: float = 200.0, explore_every: int = 16,
+    def __init__(self, warmup: int = 8, min_saved_us: float = 50.0, explore_every: int = 16,
                  size_scale: int = 65536):
         self.warmup = warmup
         self.min_saved_us = min_saved_us
