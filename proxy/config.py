@@ -106,6 +106,20 @@ class LearningConfig(_Section):
     snapshot_retention_days: int = Field(30, ge=1)   # collectors' pgpilot.* snapshots older than this are deleted
     cv_folds: int = Field(3, ge=2)
     search_budget_seconds: float = Field(60.0, gt=0)
+    time_model_families: list[Literal["xgboost", "random_forest", "gradient_boosting"]] = Field(
+        default_factory=lambda: ["xgboost", "random_forest", "gradient_boosting"], min_length=1)
+    window_days: float = Field(7.0, gt=0)             # train on the log's last N days
+    holdout_fraction: float = Field(0.25, gt=0, lt=1)  # the latest share of events, held out for evaluation
+    min_events: int = Field(500, ge=10)               # fewer events in the window: analysis only, no models
+    max_train_rows: int = Field(150_000, ge=1000)     # events sampled to train the time model
+    max_param_events: int = Field(300_000, ge=0)      # events whose parameters are loaded (sampled)
+    explain_sample: int = Field(1500, ge=0)           # statements EXPLAINed per side for the cost baseline (0: off)
+    heavy_p50_ms: float | None = Field(20.0, gt=0)    # heavy template: p50 at least this (null: learned split)
+    olap_p50_ms: float = Field(10.0, gt=0)            # OLAP template: an analytical read with p50 at least this
+    scheduled_regularity: float = Field(0.8, gt=0, le=1)  # share of inter-arrival gaps within 10% of their median
+    anomaly_threshold: float = Field(0.5, gt=0)       # flag statements scoring at least this
+    cache_lookup_us: float = Field(20.0, ge=0)        # cost of a cache lookup, paid on every read of a cached template
+    cache_byte_cost_us: float = Field(0.01, ge=0)     # cost of storing one byte, in microseconds of DB time
 
 
 class AdvisorsConfig(_Section):

@@ -1,0 +1,380 @@
+"""The cache predictor: per template, the probability that caching its results pays, and the cache simulator that judges it.
+
+Labels come from what the log shows happened. A read's result is reusable when the same template with the
+same parameters is read again before any write to a table it reads (its next use). With parameters logged,
+that is simulated exactly; without them, a template without $n parameters has one key, and a parametrized
+template is estimated from its calls rate against the write rate of its tables with one distinct key per
+call (conservative: it is never admitted until parameters, or a hash of them, are logged). Caching a template
+pays when, over a window, the DB time its hits save exceeds a lookup cost per read plus a storage cost per
+byte filled (`cache_lookup_us`, `cache_byte_cost_us`).
+
+`simulate(trace, policy, capacity)` replays a logged trace through a byte-capacity cache that drops entries
+when a table they read is written: never-cache, always-cache (LRU), the model's per-template admission (LRU),
+and an oracle that knows the future (admits only results that will be reused before invalidation, evicts
+the entry whose next use is furthest, Belady-style).
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from learning.logdata import WRITE_KINDS, EventLog, template_stats
+from proxy.features import FEATURE_NAMES, transform_many
+
+log = logging.getLogger("pgpilot.learn")
+
+KIND = "cache"
+_INF = np.iinfo(np.int64).max
+
+
+@dataclass
+class Trace:
+    """Reads and writes in time order, with what the cache needs about each."""
+
+    index: np.ndarray          # event indices
+    template: np.ndarray       # template id per entry
+    is_read: np.ndarray
+    is_write: np.ndarray
+    key: np.ndarray            # result key id per read (-1 for writes)
+    duration_us: np.ndarray
+    bytes_out: np.ndarray
+    next_use: np.ndarray       # position of this result's next reuse before invalidation, or _INF
+    reads_tables: list         # per template id: table ids it reads
+    writes_tables: list        # per template id: table ids it writes
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def _has_parameters(sql: str) -> bool:
+    return "$" in sql
+
+
+def build_trace(event_log: EventLog, mask: np.ndarray) -> Trace:
+    """The masked events as a cache trace (successful reads and writes only)."""
+    kinds = event_log.kinds()
+    tmpl = event_log.template
+    read_kind = kinds[tmpl] == "select"
+    write_kind = np.isin(kinds[tmpl], list(WRITE_KINDS)) | (kinds[tmpl] == "ddl")
+    sel = mask & ~event_log.error & (read_kind | write_kind)
+    idx = np.nonzero(sel)[0]
+    t = tmpl[idx]
+    is_read = read_kind[idx]
+    # Result keys: (template, parameter hash) with parameters; the template alone when it takes none;
+    # a key of its own per call when parameters were taken but not logged.
+    param_sql = np.array([_has_parameters(event_log.templates[fp].normalized_sql) if fp in event_log.templates
+                          else True for fp in event_log.fingerprints])
+    raw_key = np.where(event_log.has_params[idx], event_log.key[idx],
+                       np.where(param_sql[t], -(idx.astype(np.int64) + 1), 0))
+    pairs = np.stack([t.astype(np.int64), raw_key])
+    _, key = np.unique(pairs, axis=1, return_inverse=True)
+    key = np.where(is_read, key.ravel(), -1)
+    table_ids: dict[str, int] = {}
+    reads_tables, writes_tables = [], []
+    for fp in event_log.fingerprints:
+        tp = event_log.templates.get(fp)
+        reads_tables.append([table_ids.setdefault(_bare(x), len(table_ids)) for x in (tp.tables_read if tp else ())])
+        written = tp.tables_written if tp else ()
+        if tp is not None and tp.kind == "ddl" and not written:
+            written = tp.tables_read  # DDL on a table: anything cached from it is gone
+        writes_tables.append([table_ids.setdefault(_bare(x), len(table_ids)) for x in written])
+    next_use = _next_uses(t, is_read, key, reads_tables, writes_tables, len(table_ids))
+    return Trace(idx, t, is_read, ~is_read, key, event_log.duration_us[idx], event_log.bytes_out[idx], next_use,
+                 reads_tables, writes_tables)
+
+
+def _bare(table: str) -> str:
+    return table.split(".")[-1]
+
+
+def _next_uses(template, is_read, key, reads_tables, writes_tables, n_tables) -> np.ndarray:
+    n = len(template)
+    next_use = np.full(n, _INF, dtype=np.int64)
+    next_read: dict[int, int] = {}
+    next_write = [_INF] * n_tables
+    for i in range(n - 1, -1, -1):
+        tid = int(template[i])
+        if is_read[i]:
+            k = int(key[i])
+            nr = next_read.get(k, _INF)
+            nw = min((next_write[x] for x in reads_tables[tid]), default=_INF)
+            if nr < nw:
+                next_use[i] = nr
+            next_read[k] = i
+        else:
+            for x in writes_tables[tid]:
+                next_write[x] = i
+    return next_use
+
+
+# ---------------------------------------------------------------------------------------------
+# The simulator
+
+@dataclass
+class SimResult:
+    policy: str
+    capacity_bytes: float
+    reads: int = 0
+    hits: int = 0
+    saved_us: float = 0.0
+    filled_bytes: float = 0.0
+    lookups: int = 0
+    evictions: int = 0
+    lookup_us: float = 0.0
+    byte_cost_us: float = 0.0
+
+    @property
+    def net_us(self) -> float:
+        """DB time saved minus what the cache cost: a lookup per read looked up, and the bytes stored."""
+        return self.saved_us - self.lookup_us * self.lookups - self.byte_cost_us * self.filled_bytes
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / self.reads if self.reads else 0.0
+
+    def as_dict(self) -> dict:
+        return {"policy": self.policy, "capacity_bytes": self.capacity_bytes, "reads": self.reads,
+                "hits": self.hits, "hit_ratio": self.hit_ratio, "db_time_saved_s": self.saved_us / 1e6,
+                "filled_mb": self.filled_bytes / 1e6, "lookups": self.lookups, "evictions": self.evictions,
+                "net_saved_s": self.net_us / 1e6}
+
+
+def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int] | None = None, *,
+             lookup_us: float = 0.0, byte_cost_us: float = 0.0) -> SimResult:
+    """Replay a trace: policy is never | always | model (admit templates in `admitted`) | oracle.
+
+    The oracle looks up only the reads that will hit (it knows), the others every read they may cache.
+    """
+    res = SimResult(policy, capacity_bytes, lookup_us=lookup_us, byte_cost_us=byte_cost_us)
+    entries: OrderedDict[int, float] = OrderedDict()   # key -> bytes, in LRU order
+    by_table: dict[int, set[int]] = {}
+    tables_of: dict[int, list[int]] = {}
+    used = 0.0
+    heap: list[tuple[int, int]] = []                     # oracle: (-next use, key), lazily invalidated
+    next_of: dict[int, int] = {}
+    oracle = policy == "oracle"
+
+    def drop(k: int) -> None:
+        nonlocal used
+        used -= entries.pop(k)
+        for x in tables_of.pop(k, ()):
+            s = by_table.get(x)
+            if s is not None:
+                s.discard(k)
+        next_of.pop(k, None)
+
+    for i in range(len(trace)):
+        tid = int(trace.template[i])
+        if not trace.is_read[i]:
+            for x in trace.writes_tables[tid]:
+                victims = by_table.pop(x, None)
+                if victims:
+                    for k in list(victims):
+                        if k in entries:
+                            drop(k)
+            continue
+        res.reads += 1
+        if policy == "never" or (policy == "model" and tid not in admitted):
+            continue
+        k = int(trace.key[i])
+        res.lookups += not oracle
+        nu = int(trace.next_use[i])
+        if k in entries:
+            res.hits += 1
+            res.lookups += oracle
+            res.saved_us += float(trace.duration_us[i])
+            if oracle:
+                if nu == _INF:
+                    drop(k)
+                else:
+                    next_of[k] = nu
+                    heapq.heappush(heap, (-nu, k))
+            else:
+                entries.move_to_end(k)
+            continue
+        if oracle and nu == _INF:
+            continue  # never reused before it is invalidated: the oracle does not store it
+        size = float(trace.bytes_out[i])
+        if size > capacity_bytes:
+            continue
+        while used + size > capacity_bytes and entries:
+            if oracle:
+                while True:
+                    neg, victim = heapq.heappop(heap)
+                    if next_of.get(victim) == -neg:
+                        break
+                if -neg < nu:  # everything cached is needed sooner than this result: do not store it
+                    heapq.heappush(heap, (neg, victim))
+                    break
+                drop(victim)
+            else:
+                drop(next(iter(entries)))
+            res.evictions += 1
+        if used + size > capacity_bytes:
+            continue
+        entries[k] = size
+        used += size
+        res.filled_bytes += size
+        tables = trace.reads_tables[tid]
+        tables_of[k] = tables
+        for x in tables:
+            by_table.setdefault(x, set()).add(k)
+        if oracle:
+            next_of[k] = nu
+            heapq.heappush(heap, (-nu, k))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels and features
+
+def template_value(trace: Trace, n_templates: int, lookup_us: float, byte_cost_us: float) -> dict[str, np.ndarray]:
+    """Per template over a trace: reads, infinite-cache hits, DB time they save, bytes filled, net benefit (us)."""
+    reads = np.bincount(trace.template[trace.is_read], minlength=n_templates).astype(float)
+    hit = np.zeros(len(trace), bool)
+    targets = trace.next_use[trace.next_use != _INF]
+    hit[targets] = True
+    hits = np.bincount(trace.template[hit], minlength=n_templates).astype(float)
+    saved = np.bincount(trace.template[hit], weights=trace.duration_us[hit], minlength=n_templates)
+    miss = trace.is_read & ~hit
+    filled = np.bincount(trace.template[miss], weights=trace.bytes_out[miss], minlength=n_templates)
+    net = saved - lookup_us * reads - byte_cost_us * filled
+    return {"reads": reads, "hits": hits, "saved_us": saved, "filled_bytes": filled, "net_us": net}
+
+
+def estimated_value(stats, lookup_us: float, byte_cost_us: float, reads: float) -> float:
+    """Net benefit estimate for a template whose reads carry no logged parameters: P(next call before a write)."""
+    rate, writes = float(stats.calls_per_hour or 0.0), float(stats.write_rate or 0.0)
+    p_reuse = rate / (rate + writes) if rate + writes > 0 else 0.0
+    hits = reads * p_reuse
+    return hits * float(stats.p50_us or 0.0) - lookup_us * reads - byte_cost_us * (reads - hits) * float(
+        stats.bytes_p50 or 0.0)
+
+
+def window_samples(event_log: EventLog, mask: np.ndarray, windows: int, lookup_us: float,
+                   byte_cost_us: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(X, y, fingerprints): one sample per read template per time window; y = caching paid in that window."""
+    idx = np.nonzero(mask)[0]
+    X_parts, y_parts, fps = [], [], []
+    if len(idx) == 0:
+        return np.zeros((0, len(FEATURE_NAMES[KIND])), np.float32), np.zeros(0, int), []
+    bounds = np.linspace(0, len(idx), windows + 1).astype(int)
+    n_t = len(event_log.fingerprints)
+    for w in range(windows):
+        wmask = np.zeros(len(event_log), bool)
+        wmask[idx[bounds[w]:bounds[w + 1]]] = True
+        if wmask.sum() < 50:
+            continue
+        trace = build_trace(event_log, wmask)
+        value = template_value(trace, n_t, lookup_us, byte_cost_us)
+        stats = template_stats(event_log, wmask)
+        rows, labels = [], []
+        for tid in np.nonzero(value["reads"])[0]:
+            fp = event_log.fingerprints[tid]
+            tp = event_log.templates.get(fp)
+            if fp not in stats or tp is None:
+                continue
+            logged = event_log.has_params[wmask & (event_log.template == tid)].mean() > 0.5
+            net = value["net_us"][tid]
+            if not logged and _has_parameters(tp.normalized_sql):
+                net = estimated_value(stats[fp], lookup_us, byte_cost_us, value["reads"][tid])
+            rows.append({"sql": tp.normalized_sql, "template": stats[fp]})
+            labels.append(int(net > 0))
+            fps.append(fp)
+        if rows:
+            X_parts.append(transform_many(rows, KIND))
+            y_parts.append(np.array(labels))
+    if not X_parts:
+        return np.zeros((0, len(FEATURE_NAMES[KIND])), np.float32), np.zeros(0, int), []
+    return np.vstack(X_parts), np.concatenate(y_parts), fps
+
+
+def fit_classifier(X: np.ndarray, y: np.ndarray, seed: int = 0):
+    """A small gradient-boosted classifier of "caching pays" (None when the labels have one class only)."""
+    from sklearn.ensemble import GradientBoostingClassifier
+    if len(np.unique(y)) < 2:
+        return None
+    model = GradientBoostingClassifier(n_estimators=60, max_depth=3, learning_rate=0.1, subsample=0.9,
+                                       random_state=seed)
+    model.fit(X, y)
+    return model
+
+
+def template_rows(event_log: EventLog, stats: dict) -> tuple[np.ndarray, list[int]]:
+    """Cache feature rows of every read template (statistics from `stats`, blank history for unseen ones)."""
+    rows, tids = [], []
+    for tid, fp in enumerate(event_log.fingerprints):
+        tp = event_log.templates.get(fp)
+        if tp is None or tp.kind != "select":
+            continue
+        rows.append({"sql": tp.normalized_sql, "template": stats.get(fp)})
+        tids.append(tid)
+    X = transform_many(rows, KIND) if rows else np.zeros((0, len(FEATURE_NAMES[KIND])), np.float32)
+    return X, tids
+
+
+@dataclass
+class CacheEvaluation:
+    capacities: list
+    table: list = field(default_factory=list)      # one dict per (capacity, policy)
+    by_capacity: dict = field(default_factory=dict)
+
+    def ratio(self, capacity, policy: str, reference: str = "oracle") -> float:
+        row = self.by_capacity[capacity]
+        ref = row[reference]["db_time_saved_s"]
+        return row[policy]["db_time_saved_s"] / ref if ref > 0 else math.nan
+
+
+def evaluate(trace: Trace, admitted: set[int], capacities_bytes: list[float],
+             extra_policies: dict[str, set[int]] | None = None, *, lookup_us: float = 0.0,
+             byte_cost_us: float = 0.0) -> CacheEvaluation:
+    """DB time saved (and net of the cache's costs) by each policy at each cache size over one trace."""
+    ev = CacheEvaluation(list(capacities_bytes))
+    for cap in capacities_bytes:
+        row = {}
+        for policy, adm in [("never", None), ("always", None), ("model", admitted), ("oracle", None),
+                            *((name, a) for name, a in (extra_policies or {}).items())]:
+            pol = policy if policy in ("never", "always", "oracle") else "model"
+            r = simulate(trace, pol, cap, adm, lookup_us=lookup_us, byte_cost_us=byte_cost_us).as_dict()
+            r["policy"] = policy
+            row[policy] = r
+            ev.table.append(r)
+        ev.by_capacity[cap] = row
+    return ev
+
+
+def distinct_result_bytes(trace: Trace) -> float:
+    """Total bytes of the distinct read results in a trace (the size a cache needs to hold them all)."""
+    reads = trace.is_read
+    keys, first = np.unique(trace.key[reads], return_index=True)
+    return float(trace.bytes_out[reads][first].sum())
+
+
+def admitted_at(proba: np.ndarray, tids: list[int], threshold: float) -> set[int]:
+    return {t for t, p in zip(tids, proba) if p >= threshold}
+
+
+THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
+
+
+def choose_threshold(model, event_log: EventLog, fit_mask: np.ndarray, val_mask: np.ndarray,
+                     capacity_share: float) -> tuple[float, list]:
+    """The admission probability that saves the most DB time on a validation window (ties: the stricter one)."""
+    stats = template_stats(event_log, fit_mask)
+    X, tids = template_rows(event_log, stats)
+    if not len(X):
+        return 0.5, []
+    proba = model.predict_proba(X)[:, 1]
+    trace = build_trace(event_log, val_mask)
+    capacity = max(distinct_result_bytes(trace), 1.0) * capacity_share
+    tried = []
+    for th in THRESHOLDS:
+        saved = simulate(trace, "model", capacity, admitted_at(proba, tids, th)).saved_us
+        tried.append({"threshold": th, "saved_s": saved / 1e6})
+    best = max(tried, key=lambda r: (round(r["saved_s"], 6), r["threshold"]))
+    return best["threshold"], tried

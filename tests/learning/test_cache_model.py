@@ -1,0 +1,99 @@
+"""The cache simulator and the cache admission model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from learning import cache_model as cm
+from learning.logdata import template_stats, time_split
+
+# template 0 and 1 read table 0; template 2 reads table 1; template 3 writes table 0
+READS = [[0], [0], [1], []]
+WRITES = [[], [], [], [0]]
+
+
+def make_trace(events) -> cm.Trace:
+    """events: ("r", template, key, duration_us, bytes) or ("w", template)."""
+    n = len(events)
+    template = np.array([e[1] for e in events])
+    is_read = np.array([e[0] == "r" for e in events])
+    key = np.array([e[2] if e[0] == "r" else -1 for e in events])
+    dur = np.array([float(e[3]) if e[0] == "r" else 0.0 for e in events])
+    nbytes = np.array([float(e[4]) if e[0] == "r" else 0.0 for e in events])
+    next_use = cm._next_uses(template, is_read, key, READS, WRITES, 2)
+    return cm.Trace(np.arange(n), template, is_read, ~is_read, key, dur, nbytes, next_use, READS, WRITES)
+
+
+def test_a_repeated_read_hits_and_saves_its_time():
+    trace = make_trace([("r", 0, 1, 500, 100), ("r", 0, 1, 400, 100)])
+    r = cm.simulate(trace, "always", 1000)
+    assert (r.hits, r.saved_us) == (1, 400.0)
+
+
+def test_a_write_to_a_table_read_invalidates_the_cached_result():
+    trace = make_trace([("r", 0, 1, 500, 100), ("w", 3), ("r", 0, 1, 400, 100)])
+    assert cm.simulate(trace, "always", 1000).hits == 0
+    # a write to another table changes nothing
+    trace = make_trace([("r", 2, 7, 500, 100), ("w", 3), ("r", 2, 7, 400, 100)])
+    assert cm.simulate(trace, "always", 1000).hits == 1
+
+
+def test_lru_by_bytes_evicts_the_least_recently_used_result():
+    trace = make_trace([("r", 0, 1, 100, 60), ("r", 0, 2, 100, 60), ("r", 0, 1, 100, 60)])
+    assert cm.simulate(trace, "always", 100).hits == 0    # key 2 pushed key 1 out
+    assert cm.simulate(trace, "always", 120).hits == 1
+
+
+def test_the_oracle_keeps_what_is_reused_and_never_does_worse_than_always():
+    # key 9 is big and never reused: always-cache lets it push out key 1, the oracle does not store it
+    trace = make_trace([("r", 0, 1, 300, 50), ("r", 1, 9, 900, 80), ("r", 0, 1, 300, 50)])
+    assert cm.simulate(trace, "always", 100).hits == 0
+    assert cm.simulate(trace, "oracle", 100).hits == 1
+    assert cm.simulate(trace, "model", 100, admitted={0}).hits == 1
+    assert cm.simulate(trace, "never", 100).hits == 0
+
+
+def test_the_next_use_stops_at_an_invalidating_write():
+    trace = make_trace([("r", 0, 1, 1, 1), ("r", 0, 1, 1, 1), ("w", 3), ("r", 0, 1, 1, 1)])
+    assert trace.next_use[0] == 1
+    assert trace.next_use[1] == np.iinfo(np.int64).max
+
+
+def test_net_benefit_charges_lookups_and_bytes():
+    trace = make_trace([("r", 0, 1, 500, 100), ("r", 0, 1, 400, 100)])
+    r = cm.simulate(trace, "always", 1000, lookup_us=10, byte_cost_us=0.5)
+    assert r.net_us == 400 - 2 * 10 - 0.5 * 100
+
+
+@pytest.fixture(scope="module")
+def cache_evaluation(event_log):
+    train, test = time_split(event_log, 0.3)
+    idx = np.nonzero(train)[0]
+    cut = idx[int(len(idx) * 5 / 6)]
+    fit = train & (np.arange(len(event_log)) < cut)
+    val = train & (np.arange(len(event_log)) >= cut)
+    X, y, _ = cm.window_samples(event_log, fit, 5, 20.0, 0.01)
+    model = cm.fit_classifier(X, y)
+    threshold, _ = cm.choose_threshold(model, event_log, fit, val, 0.01)
+    X, y, _ = cm.window_samples(event_log, train, 6, 20.0, 0.01)
+    model = cm.fit_classifier(X, y)
+    rows, tids = cm.template_rows(event_log, template_stats(event_log, train))
+    admitted = cm.admitted_at(model.predict_proba(rows)[:, 1], tids, threshold)
+    trace = cm.build_trace(event_log, test)
+    total = cm.distinct_result_bytes(trace)
+    capacities = [total * 0.002, total * 0.01]
+    return cm.evaluate(trace, admitted, capacities, lookup_us=20.0, byte_cost_us=0.01), capacities
+
+
+def test_under_cache_pressure_the_model_saves_more_than_always_caching(cache_evaluation):
+    evaluation, (small, medium) = cache_evaluation
+    for cap in (small, medium):
+        row = evaluation.by_capacity[cap]
+        assert row["model"]["db_time_saved_s"] > row["always"]["db_time_saved_s"]
+        assert row["model"]["net_saved_s"] > row["always"]["net_saved_s"]
+
+
+def test_at_a_one_percent_cache_the_model_comes_close_to_the_oracle(cache_evaluation):
+    evaluation, (_, medium) = cache_evaluation
+    assert evaluation.ratio(medium, "model") >= 0.85
+    assert evaluation.by_capacity[medium]["never"]["db_time_saved_s"] == 0
