@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import struct
 import time
 from collections import Counter, deque
 
@@ -32,6 +33,9 @@ log = logging.getLogger("pgpilot.cache")
 FLUSH = "*"               # in writes(): the statement's write targets are unknown: flush every entry
 CATALOG = "*catalog"      # in writes(): DDL: forget every verdict, then flush
 NO_KEY = b""              # key(): bound parameters make the statement uncacheable ('now' as a date parameter)
+
+_blake2b = hashlib.blake2b
+_LEN = struct.Struct("<I")
 
 
 class Verdict:
@@ -395,13 +399,11 @@ class ResultCache:
     def key(self, ctx: CacheContext, sql: bytes, params: bytes = b"", formats: bytes = b"") -> bytes:
         if params and S.params_have_moving_input(params):
             return NO_KEY
-        h = hashlib.blake2b(ctx.digest, digest_size=16)
-        h.update(len(sql).to_bytes(4, "little"))
-        h.update(sql)
-        h.update(len(params).to_bytes(4, "little"))
-        h.update(params)
-        h.update(formats)
-        return h.digest()
+        if not params and not formats:
+            return _blake2b(ctx.digest + sql, digest_size=16).digest()
+        # Length prefixes keep the parts apart (no bytes can move from the text into the parameters).
+        return _blake2b(b"".join((ctx.digest, _LEN.pack(len(sql)), sql, _LEN.pack(len(params)), params, formats)),
+                        digest_size=16).digest()
 
     async def lookup(self, key: bytes, tables) -> tuple[bytes | None, object]:
         """(entry or None, token or None); never raises, bounded by redis_timeout."""
