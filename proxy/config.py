@@ -129,7 +129,7 @@ class AdvisorsConfig(_Section):
     instances_per_template: int = Field(3, ge=1)  # sampled instances planned per template
     synthesize_parameters: bool = True          # without logged values, draw them from pg_stats (else generic plans)
     max_index_columns: int = Field(4, ge=1)     # key columns per advised index
-    max_include_columns: int = Field(4, ge=0)   # INCLUDE columns per covering candidate (0: none)
+    max_include_columns: int = Field(6, ge=0)   # INCLUDE columns per covering candidate (0: none)
     index_write_cost: float = Field(0.5, ge=0)  # planner cost units per written row per index
     min_benefit_fraction: float = Field(0.005, ge=0)  # an index must save this share of the workload cost
     partial_min_share: float = Field(0.8, gt=0, le=1)  # a constant seen this often makes a partial index candidate
