@@ -101,7 +101,7 @@ class IndexAdvice:
 class AdvisorSettings:
     """The advisors section of the configuration, as the index advisor uses it."""
     max_index_columns: int = 4
-    max_include_columns: int = 4
+    max_include_columns: int = 6
     index_write_cost: float = 0.5
     min_benefit_fraction: float = 0.005
     partial_min_share: float = 0.8
@@ -176,9 +176,19 @@ def _indexable(table, col: str) -> bool:
     return not (c.avg_width is not None and c.avg_width > 512)
 
 
-def _ndistinct(table, col: str) -> float:
+def equality_selectivity(table, col: str) -> float:
+    """Expected share of rows an equality on the column keeps, for a value drawn like the data.
+
+    Most common values weigh by their frequency (sum of squares of most_common_freqs); the rest share the
+    remaining frequency over the remaining distinct values (pg_stats n_distinct).
+    """
     c = table.columns.get(col)
-    return c.n_distinct if c is not None and c.n_distinct is not None else 1.0
+    if c is None or not c.n_distinct:
+        return 1.0
+    freqs = c.most_common_freqs or []
+    rest = max(0.0, 1.0 - sum(freqs) - (c.null_frac or 0.0))
+    others = max(c.n_distinct - len(freqs), 1.0)
+    return sum(f * f for f in freqs) + rest * rest / others
 
 
 def _literal_for(table, col: str, value: str) -> str:
@@ -217,7 +227,7 @@ def access_candidates(t: Template, access: TableAccess, settings: AdvisorSetting
     table = access.table
     maxcols = settings.max_index_columns
     ok = lambda c: _indexable(table, c)  # noqa: E731
-    by_sel = lambda cols: sorted(cols, key=lambda c: (-_ndistinct(table, c), c))  # noqa: E731
+    by_sel = lambda cols: sorted(cols, key=lambda c: (equality_selectivity(table, c), c))  # noqa: E731
     eq = by_sel([c for c in access.equality if ok(c)])
     joins = by_sel([c for c in access.joins if ok(c) and c not in eq])
     ranges = by_sel([c for c in access.ranges if ok(c) and c not in eq])
@@ -262,7 +272,7 @@ def access_candidates(t: Template, access: TableAccess, settings: AdvisorSetting
     specs = {IndexSpec(table.qualified, k, table_sql=table.sql_name) for k in keysets}
     # Covering variants: every column the query needs from this table, so an index-only scan can answer it.
     if settings.max_include_columns and not access.star:
-        for keys in list({s.columns for s in specs if len(s.columns) > 1 or s.columns[0] in eq + ranges}):
+        for keys in list({s.columns for s in specs}):
             rest = sorted(c for c in access.referenced if c not in keys and ok(c))
             if rest and len(rest) <= settings.max_include_columns and len(keys) + len(rest) < len(table.columns):
                 specs.add(IndexSpec(table.qualified, keys, tuple(rest), table_sql=table.sql_name))

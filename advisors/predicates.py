@@ -55,6 +55,7 @@ class QueryShape:
     kind: str
     accesses: list[TableAccess] = field(default_factory=list)
     params: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # $n -> (table, column, operator)
+    limit_params: set[int] = field(default_factory=set)                    # $n in LIMIT / OFFSET
     written_table: Table | None = None
     updated_columns: set[str] = field(default_factory=set)
     unresolved: set[str] = field(default_factory=set)   # relations not found in the catalog (views, CTEs...)
@@ -219,6 +220,9 @@ class _Analyzer:
             self.walk(target.val, scopes, ctes)
         self.walk(node.havingClause, scopes, ctes)
         limited = node.limitCount is not None
+        for clause in (node.limitCount, node.limitOffset):
+            if isinstance(_strip_cast(clause), ast.ParamRef):
+                self.shape.limit_params.add(_strip_cast(clause).number)
         for g in node.groupClause or ():
             access, col = self.column(g, scopes)
             if access is not None:

@@ -176,10 +176,28 @@ def load_workload(log_conn, catalog: Catalog, *, database: str | None = None,
                      logged_params=params_by_fp.get(fp, []))
         t.instances = make_instances(t, catalog, sample_sql, instances_per_template, synthesize, rng)
         templates.append(t)
+    for table, kinds in writes_from_snapshots(log_conn, database, window).items():
+        per = write_rows.setdefault(table, {})
+        for kind, rows_ in kinds.items():  # writes that bypassed the proxy show up in the table counters
+            per[kind] = max(per.get(kind, 0.0), rows_)
     if any(t.instances and t.instances[0].source == "generic" for t in templates):
         notes.append("some templates have no logged values: they are planned as generic plans "
                      "(turn query_log.parameters on for sharper estimates)")
     return Workload(templates, source, start, end, write_rows, updated, notes)
+
+
+def writes_from_snapshots(log_conn, database: str, window: dt.timedelta) -> dict[str, dict[str, float]]:
+    """Rows inserted, updated and deleted per table over the window, from the collectors' table_stats."""
+    if not _table_exists(log_conn, "pgpilot.table_stats"):
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for schema, name, ins, upd, dele in log_conn.execute(
+            """SELECT schemaname, relname,
+                      max(n_tup_ins) - min(n_tup_ins), max(n_tup_upd) - min(n_tup_upd), max(n_tup_del) - min(n_tup_del)
+               FROM pgpilot.table_stats WHERE database = %s AND ts >= now() - %s
+               GROUP BY schemaname, relname HAVING count(*) >= 2""", (database, window)):
+        out[f"{schema}.{name}"] = {"insert": float(ins or 0), "update": float(upd or 0), "delete": float(dele or 0)}
+    return out
 
 
 def param_column_types(shape: QueryShape, catalog: Catalog) -> dict[int, str]:
@@ -243,15 +261,15 @@ def synthesize_values(shape: QueryShape, catalog: Catalog, nparams: int,
     Equality draws a most-common value (by frequency) or a histogram bound; a pair of bounds on one column
     becomes a window of about 1/20 of its histogram; a lone bound sits at a random quantile.
     """
-    if len(shape.params) < nparams:
+    if len(shape.params) + len(shape.limit_params) < nparams:
         return None
-    values: dict[int, str] = {}
+    values: dict[int, str] = {n: "10" for n in shape.limit_params}  # a typical page size
     bounds: dict[tuple[str, str], list[tuple[int, str]]] = {}
     for n, (table, col, op) in shape.params.items():
         column = catalog.tables[table].columns.get(col)
         if column is None:
             return None
-        if op in ("=", "in"):
+        if op in ("=", "in", "expr"):
             v = _draw_equal(column, rng)
             if v is None:
                 return None

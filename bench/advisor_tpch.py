@@ -1,0 +1,211 @@
+"""Index advisor benchmark on TPC-H: pgpilot's advice against a Dexter-style baseline, estimated and measured.
+
+    python -m bench.advisor_tpch [--scale 0.1] [--rounds 3] [--budgets 25,50,100] [--json out.json]
+                                 [--no-parameters] [--timeout 120]
+
+A throwaway PostgreSQL 15 is loaded with TPC-H (tpchgen-cli) and the 22 templates run at fixed frequencies
+with varied parameters, logged to pgpilot.query_events as the proxy logs them. At each storage budget (a
+share of the tables' size) three advisors choose indexes from that log: pgpilot, and the Dexter-style
+baseline at its 50% and 10% savings thresholds (it has no budget: its picks are kept by decreasing savings
+while they fit, and the row says when that trimmed it). For each choice the table shows the indexes, their
+size, the estimated workload cost relative to no indexes (HypoPG, the logged instances, calls-weighted), and
+the real runtime of the workload with the indexes built: each round runs one fresh instance of every template
+per configuration (configurations interleaved, their order rotated each round) and weights its time by the
+template's frequency. Parallel query and JIT are off so that runtimes compare plans, not the machine's mood.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import signal
+import statistics
+import sys
+import time
+
+import psycopg
+
+from advisors.catalog import format_bytes, load_catalog
+from advisors.dexter import dexter_advise, within_budget
+from advisors.indexes import AdvisorSettings, WorkloadCost, advise_indexes
+from advisors.whatif import IndexSpec, WhatIf
+from advisors.workload import load_workload
+from bench.workloads.recorder import Recorder, Statement
+from bench.workloads.tpch import TABLES, TEMPLATES, load_tpch
+from tests.support.services import PgCluster
+
+# Calls per template in the logged workload: frequent selective reports, rare heavy analyses.
+FREQUENCIES = {1: 4, 2: 8, 3: 10, 4: 6, 5: 6, 6: 12, 7: 4, 8: 4, 9: 3, 10: 8, 11: 6, 12: 6, 13: 3, 14: 10,
+               15: 4, 16: 6, 17: 2, 18: 3, 19: 6, 20: 2, 21: 3, 22: 6}
+
+log = logging.getLogger("pgpilot.bench.advisor")
+
+
+def record_workload(dsn: str, scale: float, parameters: bool, seed: int = 1) -> int:
+    rng = random.Random(seed)
+    statements = [Statement(TEMPLATES[n](rng, scale=scale)) for n, calls in FREQUENCIES.items()
+                  for _ in range(calls)]
+    rng.shuffle(statements)
+    log.info("logging the workload: %d statements", len(statements))
+    with Recorder(dsn, dsn, log_parameters=parameters, progress_every=30) as recorder:
+        summary = recorder.run(statements)
+    log.info("logged %d statements in %.0fs (%d errors)", summary.statements, summary.seconds, summary.errors)
+    return summary.statements
+
+
+def drop_secondary_indexes(conn) -> None:
+    for (name,) in conn.execute(
+            """SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = 'public' AND NOT i.indisprimary""").fetchall():
+        conn.execute(f"DROP INDEX {name}")
+
+
+def build(conn, specs: list[IndexSpec]) -> tuple[float, int]:
+    """Create the configuration's indexes (after dropping any other secondary index); (seconds, bytes)."""
+    drop_secondary_indexes(conn)
+    started = time.monotonic()
+    total = 0
+    for i, spec in enumerate(specs):
+        name = f"bench_idx_{i}"
+        conn.execute(spec.create_sql(name, concurrently=False))
+        total += conn.execute("SELECT pg_relation_size(%s::regclass)", (name,)).fetchone()[0]
+    conn.execute("ANALYZE")
+    return time.monotonic() - started, total
+
+
+def run_instances(conn, instances: dict[int, str], timeout_s: float) -> tuple[dict[int, float], int]:
+    """Seconds per template (one instance each); a statement that times out counts as the timeout."""
+    conn.execute(f"SET statement_timeout = {int(timeout_s * 1000)}")
+    times, capped = {}, 0
+    for n, sql in instances.items():
+        started = time.perf_counter()
+        try:
+            conn.execute(sql).fetchall()
+            times[n] = time.perf_counter() - started
+        except psycopg.errors.QueryCanceled:
+            times[n] = timeout_s
+            capped += 1
+    return times, capped
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.advisor_tpch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", type=float, default=0.1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--budgets", default="25,50,100", help="percent of the tables' size")
+    p.add_argument("--timeout", type=float, default=120.0, help="per statement, seconds, in the runtime rounds")
+    p.add_argument("--no-parameters", action="store_true",
+                   help="log without parameter values (advisors then plan synthesized or generic instances)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the throwaway cluster is removed
+
+    cluster = PgCluster(settings={"max_parallel_workers_per_gather": "0", "jit": "off",
+                                  "shared_buffers": "256MB", "work_mem": "16MB"}).start()
+    try:
+        cluster.psql("CREATE DATABASE tpch")
+        dsn = cluster.dsn_for("tpch")
+        load_tpch(dsn, scale=args.scale)
+        record_workload(dsn, args.scale, parameters=not args.no_parameters)
+        conn = psycopg.connect(dsn, autocommit=True)
+        catalog = load_catalog(conn)
+        workload = load_workload(conn, catalog, database="tpch", instances_per_template=3)
+        data_bytes = sum(catalog.tables[f"public.{t}"].heap_bytes for t in TABLES)
+        settings = AdvisorSettings()
+        whatif = WhatIf(conn, catalog)
+        model = WorkloadCost(whatif, workload, catalog, settings)
+        base_cost = model.total(frozenset())
+        log.info("data %s, %d templates (%s), baseline estimated cost %.4g", format_bytes(data_bytes),
+                 len(model.templates), workload.templates[0].instances[0].source, base_cost)
+
+        started = time.monotonic()
+        dexter = {pct: dexter_advise(whatif, workload, catalog, pct) for pct in (50.0, 10.0)}
+        dexter_seconds = time.monotonic() - started
+        rows = [{"budget": None, "method": "no indexes", "indexes": [], "trimmed": False}]
+        for pct in (int(b) for b in args.budgets.split(",")):
+            budget = int(data_bytes * pct / 100)
+            advice = advise_indexes(conn, workload, catalog, budget, settings, whatif=whatif, include_drops=False)
+            rows.append({"budget": pct, "method": "pgpilot", "trimmed": False, "seconds": advice.seconds,
+                         "indexes": [r.spec for r in advice.creates]})
+            for thr, res in dexter.items():
+                kept, trimmed = within_budget(res, whatif, budget)
+                rows.append({"budget": pct, "method": f"dexter-{thr:.0f}%", "trimmed": trimmed,
+                             "seconds": dexter_seconds / 2, "indexes": kept,
+                             "untrimmed": [s.describe() for s in res.indexes]})
+        for row in rows:
+            config = frozenset(row["indexes"])
+            row["est_bytes"] = sum(whatif.size(s) for s in config)
+            row["est_cost_rel"] = model.total(config) / base_cost
+            row["definitions"] = [s.describe() for s in row["indexes"]]
+        whatif.close()
+
+        configs: dict[frozenset, list[IndexSpec]] = {}
+        for row in rows:
+            configs.setdefault(frozenset(row["indexes"]), row["indexes"])
+        keys = list(configs)
+        log.info("%d distinct configurations to measure over %d rounds", len(keys), args.rounds)
+        for t in TABLES:  # warm the cache before the first measurement
+            conn.execute(f"SELECT count(*) FROM {t}").fetchone()
+        runtimes: dict[frozenset, list[float]] = {k: [] for k in keys}
+        capped: dict[frozenset, int] = {k: 0 for k in keys}
+        real_bytes: dict[frozenset, int] = {}
+        calls = {n: float(c) for n, c in FREQUENCIES.items()}
+        for r in range(args.rounds):
+            rng = random.Random(1000 + r)
+            instances = {n: make(rng, scale=args.scale) for n, make in TEMPLATES.items()}
+            order = keys[r % len(keys):] + keys[:r % len(keys)]
+            for key in order:
+                seconds, nbytes = build(conn, configs[key])
+                real_bytes[key] = nbytes
+                times, n_capped = run_instances(conn, instances, args.timeout)
+                capped[key] += n_capped
+                total = sum(calls[n] * t for n, t in times.items())
+                runtimes[key].append(total)
+                log.info("round %d: %d indexes (built in %.1fs): workload %.1fs", r + 1, len(configs[key]),
+                         seconds, total)
+        drop_secondary_indexes(conn)
+        conn.close()
+    finally:
+        cluster.destroy()
+
+    none_key = frozenset()
+    for row in rows:
+        key = frozenset(row["indexes"])
+        row["real_bytes"] = real_bytes[key]
+        row["runtime_s"] = statistics.median(runtimes[key])
+        row["runtime_rel"] = statistics.median(a / b for a, b in zip(runtimes[key], runtimes[none_key]))
+        row["capped"] = capped[key]
+    print_table(rows, data_bytes, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"scale": args.scale, "rounds": args.rounds, "data_bytes": data_bytes,
+                       "parameters_logged": not args.no_parameters, "frequencies": FREQUENCIES,
+                       "rows": [{k: v for k, v in row.items() if k != "indexes"} for row in rows]},
+                      f, indent=2, default=str)
+    return 0
+
+
+def print_table(rows: list[dict], data_bytes: int, args) -> None:
+    print(f"\nTPC-H SF {args.scale}: data {format_bytes(data_bytes)}, {sum(FREQUENCIES.values())} logged calls, "
+          f"{args.rounds} rounds; est. cost and runtime relative to no indexes (runtime: median of per-round ratios)")
+    head = f"{'budget':>7} {'method':<12} {'#idx':>4} {'size':>9} {'est.cost':>9} {'runtime':>9} {'rel.':>6}"
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        budget = "-" if row["budget"] is None else f"{row['budget']}%"
+        note = " (trimmed)" if row["trimmed"] else ""
+        note += f" ({row['capped']} timeouts)" if row["capped"] else ""
+        print(f"{budget:>7} {row['method']:<12} {len(row['definitions']):>4} {format_bytes(row['real_bytes']):>9} "
+              f"{row['est_cost_rel']:>9.1%} {row['runtime_s']:>8.1f}s {row['runtime_rel']:>6.1%}{note}")
+    print()
+    for row in rows:
+        if row["definitions"]:
+            budget = "-" if row["budget"] is None else f"{row['budget']}%"
+            print(f"{budget:>4} {row['method']:<12} " + "; ".join(row["definitions"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
