@@ -110,3 +110,18 @@ def test_readyz_is_503_naming_a_database_whose_upstream_is_down(pg, proxy_factor
 
 def test_unknown_path_is_404(proxy):
     assert http_get(proxy, "/nope")[0] == 404
+
+
+def test_query_log_counters_are_exported_when_the_log_is_on(pg, fresh_db, proxy_factory, tmp_path):
+    proxy = proxy_factory(query_log={"enabled": True, "dsn": pg.dsn_for(fresh_db), "spool_dir": str(tmp_path)})
+    with connect(proxy, pg.dbname) as client:
+        for i in range(10):
+            client.execute("SELECT %s::int", (i,))
+
+    status, text = http_get(proxy, "/metrics")
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+                           timeout=30)
+    samples = metric_samples(proxy)
+
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert samples[("pgpilot_querylog_events_submitted_total", ())] >= 10
