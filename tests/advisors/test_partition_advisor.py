@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from advisors.catalog import load_catalog
-from advisors.partitions import advise_partitions, choose_interval
+from advisors.partitions import advise_partitions, choose_interval, decide
 from advisors.workload import load_workload
 from proxy.config import AdvisorsConfig
 
@@ -64,3 +64,34 @@ def test_partitions_are_as_fine_as_the_data_allows():
     assert choose_interval(rows=50_000_000, span_days=730, min_rows=10_000, max_partitions=1000, ahead=3) == "day"
     assert choose_interval(rows=50_000, span_days=730, min_rows=10_000, max_partitions=1000, ahead=3) == "year"
     assert choose_interval(rows=10**10, span_days=3650, min_rows=10_000, max_partitions=1000, ahead=3) == "week"
+
+
+def big_table(rows: float, gigabytes: float, tenant_values: int):
+    from advisors.catalog import Column, Table
+    t = Table(1, "public", "orders", "r", rows, 10, int(gigabytes * 2**30), int(gigabytes * 2**30))
+    t.columns["account_id"] = Column("account_id", "integer", 1, True, n_distinct=tenant_values,
+                                     most_common_vals=[str(i) for i in range(min(tenant_values, 100))])
+    t.columns["total"] = Column("total", "numeric", 2, True, n_distinct=rows / 2)
+    return t
+
+
+def tenant_signals(table, share: float) -> dict:
+    return {"rows": table.rows, "total_bytes": table.total_bytes, "growth_rows_per_day": None,
+            "effective_cache_size_bytes": 4 << 30, "shared_buffers_bytes": 1 << 30, "calls": 100.0,
+            "time_column": None, "time_filter_share": 0.0, "time_span_days": None, "retention_deletes": 0,
+            "retention_delete_calls": 0, "retention_days": None, "referenced_by_foreign_keys": [],
+            "tenant_columns": {"account_id": {"share": share, "n_distinct": table.columns["account_id"].n_distinct}}}
+
+
+def test_a_large_table_read_per_tenant_gets_list_or_hash_partitions_by_tenant_count():
+    few = big_table(5e7, 20, tenant_values=12)
+    many = big_table(5e7, 20, tenant_values=50_000)
+    settings = AdvisorsConfig()
+
+    by_list = decide(few, tenant_signals(few, 0.95), settings)
+    by_hash = decide(many, tenant_signals(many, 0.95), settings)
+    rarely = decide(many, tenant_signals(many, 0.5), settings)
+
+    assert (by_list.strategy, by_list.key, len(by_list.values)) == ("list", "account_id", 12)
+    assert (by_hash.strategy, by_hash.key) == ("hash", "account_id") and 4 <= by_hash.modulus <= 64
+    assert rarely.decision == "do not partition" and "rarely be pruned" in rarely.reason
