@@ -216,31 +216,39 @@ async def probe(conn, sql: str, facts: S.SyntaxFacts, ctx: CacheContext, snapsho
     stmt = raw[facts.stmt_start:facts.stmt_end]
     params = [(n, off - facts.stmt_start) for n, off in facts.params]
     ms = f"{max(1, int(timeout * 1000))}ms"
-    await conn.execute("SELECT set_config('search_path', $1, false), set_config('statement_timeout', $2, false),"
-                       " set_config('lock_timeout', $2, false)", ctx.resolved_search_path, ms)
-    try:
-        if params:
-            await conn.execute("PREPARE pgpilot_probe_params AS " + stmt.decode())
-            try:
-                types = await conn.fetchval("SELECT parameter_types::text[] FROM pg_catalog.pg_prepared_statements"
-                                            " WHERE name = 'pgpilot_probe_params'")
-            finally:
-                await conn.execute("DEALLOCATE pgpilot_probe_params")
-            stmt = _substitute_params(stmt, params, list(types or ()))
-    except (asyncpg.PostgresError, ValueError) as e:
-        return ProbeResult(S.ANALYSIS_ERROR, detail=str(e))
-    await conn.execute("BEGIN")
+    # The client's search_path only while Postgres resolves the statement; pg_catalog for our own queries.
+    await conn.execute("SELECT pg_catalog.set_config('statement_timeout', $1, false),"
+                       " pg_catalog.set_config('lock_timeout', $1, false),"
+                       " pg_catalog.set_config('search_path', $2, false)", ms, ctx.resolved_search_path)
     try:
         try:
-            await conn.execute(f"CREATE TEMP VIEW {_PROBE_VIEW} AS SELECT 1 FROM (\n{stmt.decode()}\n) AS pgpilot_q")
-        except asyncpg.PostgresError as e:
+            if params:
+                await conn.execute("PREPARE pgpilot_probe_params AS " + stmt.decode())
+                try:
+                    types = await conn.fetchval("SELECT parameter_types::pg_catalog.text[]"
+                                                " FROM pg_catalog.pg_prepared_statements"
+                                                " WHERE name = 'pgpilot_probe_params'")
+                finally:
+                    await conn.execute("DEALLOCATE pgpilot_probe_params")
+                stmt = _substitute_params(stmt, params, list(types or ()))
+        except (asyncpg.PostgresError, ValueError) as e:
             return ProbeResult(S.ANALYSIS_ERROR, detail=str(e))
-        own, action = await conn.fetchrow(
-            "SELECT ev_class::int8, ev_action::text FROM pg_catalog.pg_rewrite"
-            f" WHERE ev_class = 'pg_temp.{_PROBE_VIEW}'::regclass")
-        return await _judge(conn, own, action, ctx, snapshot)
+        await conn.execute("BEGIN")
+        try:
+            try:
+                await conn.execute(
+                    f"CREATE TEMP VIEW {_PROBE_VIEW} AS SELECT 1 FROM (\n{stmt.decode()}\n) AS pgpilot_q")
+            except asyncpg.PostgresError as e:
+                return ProbeResult(S.ANALYSIS_ERROR, detail=str(e))
+            await conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', true)")
+            own, action = await conn.fetchrow(
+                "SELECT ev_class::int8, ev_action::text FROM pg_catalog.pg_rewrite"
+                f" WHERE ev_class = 'pg_temp.{_PROBE_VIEW}'::regclass")
+            return await _judge(conn, own, action, ctx, snapshot)
+        finally:
+            await conn.execute("ROLLBACK")
     finally:
-        await conn.execute("ROLLBACK")
+        await conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog', false)")
 
 
 async def _judge(conn, own: int, action: str, ctx: CacheContext, snapshot: CatalogSnapshot) -> ProbeResult:

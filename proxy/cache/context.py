@@ -14,11 +14,11 @@ KEY_SETTINGS = ("search_path", "timezone", "datestyle", "intervalstyle", "client
                 "extra_float_digits", "bytea_output", "standard_conforming_strings", "lc_monetary",
                 "timezone_abbreviations", "transform_null_equals", "xmloption")
 
-_scopes: dict[tuple[str, str, str], int] = {}
+_scopes: dict[tuple, int] = {}
 
 
-def _scope_id(database: str, role: str, search_path: str) -> int:
-    key = (database, role, search_path)
+def _scope_id(database: str, role: str, search_path: str, refusal: str | None) -> int:
+    key = (database, role, search_path, refusal)
     sid = _scopes.get(key)
     if sid is None:
         sid = _scopes[key] = len(_scopes) + 1
@@ -49,7 +49,7 @@ def quote_ident(name: str) -> str:
 class CacheContext:
     """The database, role and byte-changing settings of a client session (settings keyed case-insensitively)."""
 
-    __slots__ = ("database", "role", "settings", "digest", "scope", "search_path", "schemas")
+    __slots__ = ("database", "role", "settings", "digest", "scope", "search_path", "schemas", "refusal")
 
     def __init__(self, database: str, role: str, settings: dict[str, str]):
         self.database = database
@@ -63,8 +63,14 @@ class CacheContext:
             h.update(len(b).to_bytes(4, "little"))
             h.update(b)
         self.digest = h.digest()
+        # Texts are analysed as UTF-8 with standard strings; a session lexing them otherwise is not served.
+        self.refusal: str | None = None
+        if norm.get("standard_conforming_strings", "on").lower() in ("off", "false", "no", "0"):
+            self.refusal = "nonstandard_strings"
+        elif norm.get("client_encoding", "UTF8").upper().replace("-", "") not in ("UTF8", "UNICODE", "SQLASCII"):
+            self.refusal = "client_encoding"
         # Verdicts depend on name resolution (search_path with $user expanded) and the role's privileges.
-        self.scope = _scope_id(database, role, self.search_path)
+        self.scope = _scope_id(database, role, self.search_path, self.refusal)
         self.schemas = tuple(role if s == "$user" else s for s in split_search_path(self.search_path))
 
     @property

@@ -102,7 +102,8 @@ class DatabaseState:
         import asyncpg
         if self.conn is None or self.conn.is_closed():
             self.conn = await asyncpg.connect(self.dsn, timeout=timeout, statement_cache_size=32,
-                                              server_settings={"application_name": "pgpilot-cache-catalog"})
+                                              server_settings={"application_name": "pgpilot-cache-catalog",
+                                                               "search_path": "pg_catalog"})
         return self.conn
 
     def drop_connection(self) -> None:
@@ -230,6 +231,8 @@ class ResultCache:
         db = self._dbs.get(ctx.database)
         if db is None:
             return uncacheable(S.DISABLED)
+        if ctx.refusal is not None:
+            return self._remember(sql, None, ctx, uncacheable(ctx.refusal))
         try:
             text = sql.decode("utf-8")
         except UnicodeDecodeError:

@@ -216,3 +216,41 @@ def test_stop_leaves_no_replication_slot_behind(pg, make_cache, db):
     slot = asyncio.run(body())
     assert slot and slot.startswith("pgpilot_")
     assert pg.psql("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'pgpilot\\_%'").strip() == "0"
+
+
+def test_a_lost_decoding_slot_stops_serving_then_a_new_slot_serves_without_old_entries(pg, make_cache, db):
+    async def body():
+        cache = await started(make_cache(dbname=db))
+        try:
+            ctx = context(db)
+            key, v = await fill_once(cache, ctx)
+            await eventually(lambda: stored(cache, key, v))
+            first_slot = cache.stats()["databases"][db]["decoding"]["slot"]
+            pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'pgpilot-cache-decoding'", dbname=db)
+            stopped = await eventually(lambda: not cache.serving)
+            resumed = await eventually(lambda: cache.serving
+                                       and cache.stats()["databases"][db]["decoding"]["slot"] not in (None, first_slot))
+            entry, token = await cache.lookup(key, v.tables)
+            return stopped, resumed, entry, token is not None
+        finally:
+            await cache.stop()
+    assert asyncio.run(body()) == (True, True, None, True)
+
+
+def test_without_redis_one_process_keeps_generations_itself(pg, make_cache, db):
+    async def body():
+        cache = await started(make_cache(redis_url=None, dbname=db))
+        try:
+            ctx = context(db)
+            key, v = await fill_once(cache, ctx)
+            hit = (await cache.lookup(key, v.tables))[0]
+            await cache.invalidate(cache.writes(WRITE, ctx))
+            after_write = (await cache.lookup(key, v.tables))[0]
+            key, v = await fill_once(cache, ctx, payload=b"again")
+            pg.psql("UPDATE items SET name = 'bypass' WHERE id = 2", dbname=db)
+            after_bypass = await eventually(lambda: _missing(cache, key, v))
+            return hit, after_write, after_bypass
+        finally:
+            await cache.stop()
+    assert asyncio.run(body()) == (b"rows", None, True)

@@ -234,3 +234,12 @@ def test_decoded_table_names_are_unquoted():
     assert parse_qualified('"We ird"."Ta: INSERT:b"') == ("We ird", "Ta: INSERT:b")
     assert parse_qualified('public."a""b"') == ("public", 'a"b')
     assert parse_qualified("garbage") is None
+
+
+@pytest.mark.parametrize("settings, refusal", [
+    ({}, None), ({"client_encoding": "UTF8"}, None), ({"standard_conforming_strings": "on"}, None),
+    ({"standard_conforming_strings": "off"}, "nonstandard_strings"),   # backslashes would lex otherwise
+    ({"client_encoding": "SJIS"}, "client_encoding"),
+])
+def test_sessions_lexing_texts_unlike_the_analysis_are_refused(settings, refusal):
+    assert CacheContext("d", "r", settings).refusal == refusal
