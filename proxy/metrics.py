@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from proxy.admin import client_state, live_bytes, server_state
+from proxy.admin import client_state, server_state
 from proxy.config import parse_host_port
 from proxy.pool import UpstreamError
 from proxy.stats import DURATION_BUCKETS
@@ -61,9 +61,10 @@ class ProxyCollector(Collector):
 
     def collect(self):
         server = self.server
+        states, live = self._clients(server)
         yield from self._process_level(server)
-        yield from self._pools(server)
-        yield from self._traffic(server)
+        yield from self._pools(server, states)
+        yield from self._traffic(server, live)
         if server.query_log is not None:
             yield from self._query_log(server.query_log.stats())
 
@@ -98,13 +99,29 @@ class ProxyCollector(Collector):
                                 "1 if the last reload was applied (or none was tried)",
                                 value=1 if server.last_reload_ok else 0)
 
-    def _pools(self, server):
+    @staticmethod
+    def _clients(server) -> tuple[dict, dict]:
+        """One pass over the clients: states per database, and open sessions' bytes per (database, user)."""
+        states: dict[str, dict[str, int]] = {}
+        live: dict[tuple[str, str], list[int]] = {}
+        for c in server.clients:
+            db = c.database
+            counts = states.get(db)
+            if counts is None:
+                counts = states[db] = dict.fromkeys(CLIENT_STATES, 0)
+            counts[client_state(c)] += 1
+            if c.traffic is not None:
+                b = live.get((db, c.user))
+                if b is None:
+                    live[(db, c.user)] = [c.bytes_in, c.bytes_out]
+                else:
+                    b[0] += c.bytes_in
+                    b[1] += c.bytes_out
+        return states, live
+
+    def _pools(self, server, per_db: dict):
         clients = GaugeMetricFamily("pgpilot_client_connections", "Client connections by database and state",
                                     labels=["database", "state"])
-        per_db: dict[str, dict[str, int]] = {}
-        for c in server.clients:
-            counts = per_db.setdefault(c.database, dict.fromkeys(CLIENT_STATES, 0))
-            counts[client_state(c)] += 1
         for db, counts in sorted(per_db.items()):
             for state, n in counts.items():
                 clients.add_metric([db, state], n)
@@ -146,7 +163,7 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily("pgpilot_pool_wait_timeouts", "Clients that gave up waiting (query_wait)",
                                   value=server.stats.wait_timeouts)
 
-    def _traffic(self, server):
+    def _traffic(self, server, live: dict):
         labels = ["database", "user"]
         queries = CounterMetricFamily("pgpilot_queries", "Statements completed", labels=labels)
         errors = CounterMetricFamily("pgpilot_query_errors", "Statements that failed, by SQLSTATE class",
@@ -157,7 +174,6 @@ class ProxyCollector(Collector):
         sent = CounterMetricFamily("pgpilot_client_sent_bytes", "Bytes sent to clients", labels=labels)
         duration = HistogramMetricFamily("pgpilot_query_duration_seconds",
                                          "Statement duration seen by the proxy", labels=labels)
-        live = live_bytes(server)
         for key, t in sorted(server.stats.traffic.items()):
             lv = list(key)
             b_in, b_out = live.get(key, (0, 0))
