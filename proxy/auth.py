@@ -454,7 +454,7 @@ class ClientAuth:
         server = self._scram.make_server(
             verifier.auth_info, channel_binding=("tls-server-end-point", cb) if cb else None)
         try:
-            server.set_client_first(client_first)
+            _set_client_first(server, client_first)
         except scramp.ScramException as e:
             raise ProtocolError(f"malformed SCRAM message: {e}") from None
         session.transport.write(auth_request(AUTH_SASL_CONTINUE, server.get_server_first().encode()))
@@ -480,6 +480,21 @@ class ClientAuth:
     async def close(self) -> None:
         if self.auth_query is not None:
             await self.auth_query.close()
+
+
+def _set_client_first(server: scramp.ScramServer, client_first: str) -> None:
+    """Feed the client-first message to scramp, accepting libpq's empty user name (`n=,`).
+
+    Postgres ignores the SCRAM user name (the startup packet's counts) and libpq leaves it empty, which scramp
+    refuses; it gets a placeholder, and the original message is put back for the signatures.
+    """
+    gs2_end = client_first.find(",", client_first.find(",") + 1) + 1
+    bare = client_first[gs2_end:]
+    if not bare.startswith("n=,"):
+        server.set_client_first(client_first)
+        return
+    server.set_client_first(client_first[:gs2_end] + "n=user" + bare[2:])
+    server.client_first_bare = bare   # what the client signed
 
 
 async def _password_message(session: "ClientSession") -> bytes:
