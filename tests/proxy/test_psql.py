@@ -142,8 +142,12 @@ def test_psql_watch_repeats_a_query_until_interrupted(proxy, fresh_db):
             proc.wait()
 
     assert seen == ["42"] * repeats
-    assert rest.strip().split("\n")[-1] == "after watch", err
-    assert proc.returncode == 0, err
+    # Ctrl-C ends \watch. If it lands while a repetition is running, psql cancels it and, reading a script,
+    # stops with exit code 3, exactly as against Postgres directly; otherwise it goes on with the next line.
+    if proc.returncode == 0:
+        assert rest.strip().split("\n")[-1] == "after watch", err
+    else:
+        assert proc.returncode == 3 and "Cancel request sent" in err, (proc.returncode, err)
 
 
 def test_psql_runs_the_same_query_many_times_in_one_session(proxy, fresh_db):
