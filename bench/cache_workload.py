@@ -166,7 +166,7 @@ async def run_mode(mode: str, pg: PgCluster, redis_url: str, seconds: float, wor
                 f"UPDATE accounts SET balance = balance + 1 WHERE id = {k} RETURNING balance")
             bypassed.setdefault(k, []).append((time.monotonic(), balance))
             row_version[k] = row_version.get(k, 0) + 1
-            if rng.random() < 0.2:
+            if rng.random() < 0.05:
                 await bypass_conn.execute("INSERT INTO orders (account, amount) VALUES ($1, 1)", k)
                 insert_version += 1
 
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--accounts", type=int, default=10_000)
-    ap.add_argument("--orders", type=int, default=300_000)
+    ap.add_argument("--orders", type=int, default=100_000)
     ap.add_argument("--write-share", type=float, default=0.02, help="share of operations that write via the cache")
     ap.add_argument("--bypass-interval", type=float, default=0.05, help="seconds between bypassing writes")
     ap.add_argument("--json", help="write every run's numbers here")

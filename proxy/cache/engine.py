@@ -137,7 +137,7 @@ class ResultCache:
         self._started = False
         self._stopping = False
         self._ttl_ms = int(cfg.default_ttl * 1000)
-        self._stored: deque[tuple[float, int]] = deque()   # (expiry, bytes) of entries this process stored
+        self._stored: deque[list] = deque()   # [expiry second, bytes] of entries this process stored
         self._stored_bytes = 0
         # Counters for stats().
         self.hits = 0
@@ -491,6 +491,7 @@ class ResultCache:
             self.fills_rejected["not_admitted"] += 1
             return
         if self.store.shared:
+            # Bytes stored within the last TTL, in one-second buckets: an estimate of what is still in Redis.
             now = time.monotonic()
             stored = self._stored
             while stored and stored[0][0] <= now:
@@ -498,7 +499,11 @@ class ResultCache:
             if self._stored_bytes + size > self.cfg.redis_max_bytes:
                 self.fills_rejected["full"] += 1
                 return
-            stored.append((now + self.cfg.default_ttl, size))
+            expiry = int(now + self.cfg.default_ttl) + 1
+            if stored and stored[-1][0] == expiry:
+                stored[-1][1] += size
+            else:
+                stored.append([expiry, size])
             self._stored_bytes += size
             value = b"".join((tag.encode(), b"\n", template.replace("\n", " ").encode(), b"\n", payload))
             self.store.store(self.store.entry_key(key), value, self._ttl_ms)

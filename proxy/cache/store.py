@@ -139,7 +139,7 @@ class RedisStore(SharedStore):
         self._ever_connected = False
         self._recovery: asyncio.Task | None = None
         self._subscriber: asyncio.Task | None = None
-        self._stores: list[tuple] = []
+        self._stores: dict[str, tuple] = {}
         self._store_scheduled = False
         self._last_error = ""
         self.breaker_trips = 0
@@ -323,14 +323,14 @@ class RedisStore(SharedStore):
 
     def store(self, entry_key: str, value: bytes, ttl_ms: int) -> None:
         """Queue a SET; queued sets go out together once the current callbacks have run."""
-        self._stores.append(("SET", entry_key, value, "PX", ttl_ms))
+        self._stores[entry_key] = ("SET", entry_key, value, "PX", ttl_ms)   # one store per key per batch
         if not self._store_scheduled:
             self._store_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_stores)
 
     def _send_stores(self) -> None:
         self._store_scheduled = False
-        cmds, self._stores = self._stores, []
+        cmds, self._stores = list(self._stores.values()), {}
         if not cmds:
             return
         if not self.serving:
