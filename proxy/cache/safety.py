@@ -104,7 +104,8 @@ _VOLATILE_NAMES = frozenset({
 BUILTIN_WRITERS = frozenset({"query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema",
                              "cursor_to_xml", "cursor_to_xmlschema", "dblink_exec", "dblink"})
 _WRITE_NODES = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
-_FLUSH_UTILITIES = frozenset({"CallStmt", "DoStmt", "ExecuteStmt"})
+# Statements whose writes cannot be known from their text; ALTER SYSTEM may change settings' server defaults.
+_FLUSH_UTILITIES = frozenset({"CallStmt", "DoStmt", "ExecuteStmt", "AlterSystemStmt"})
 
 
 class SyntaxFacts:
@@ -195,7 +196,7 @@ def _walk(node: str, body: dict, functions: set[str], params: list[tuple[int, in
 
 
 def flushes_on_sight(facts: SyntaxFacts) -> bool:
-    """Statements whose writes cannot be known from their text (CALL, DO, EXECUTE)."""
+    """CALL, DO, EXECUTE (writes unknown from the text) and ALTER SYSTEM."""
     return any(s in _FLUSH_UTILITIES for s in facts.statements)
 
 

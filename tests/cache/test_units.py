@@ -78,8 +78,8 @@ def test_syntax_facts_find_parameters_by_byte_offset_and_the_statement_span():
     assert raw[f.stmt_start:f.stmt_end] == raw[:-1]
 
 
-def test_call_do_and_execute_flush_on_sight():
-    for sql in ("CALL p()", "DO $$ BEGIN END $$", "EXECUTE s(1)"):
+def test_call_do_execute_and_alter_system_flush_on_sight():
+    for sql in ("CALL p()", "DO $$ BEGIN END $$", "EXECUTE s(1)", "ALTER SYSTEM SET timezone = 'UTC'"):
         assert S.flushes_on_sight(S.syntax_facts(sql))
     assert not S.flushes_on_sight(S.syntax_facts("SELECT 1"))
 
