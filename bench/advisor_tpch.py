@@ -8,14 +8,17 @@ with varied parameters, logged to pgpilot.query_events as the proxy logs them. A
 share of the tables' size) three advisors choose indexes from that log: pgpilot, and the Dexter-style
 baseline at its 50% and 10% savings thresholds (it has no budget: its picks are kept by decreasing savings
 while they fit, and the row says when that trimmed it). For each choice the table shows the indexes, their
-size, the estimated workload cost relative to no indexes (HypoPG, the logged instances, calls-weighted), and
-the real runtime of the workload with the indexes built: each round runs one fresh instance of every template
-per configuration (configurations interleaved, their order rotated each round) and weights its time by the
-template's frequency. Parallel query and JIT are off so that runtimes compare plans, not the machine's mood.
+size, the estimated workload cost relative to no indexes (HypoPG, calls-weighted, on instances the advisors
+never saw), and the real runtime of the workload with the indexes built: each round runs one of those unseen
+instances of every template per configuration (configurations interleaved, their order rotated each round)
+and weights its time by the template's frequency. With --no-parameters the log holds no values: pgpilot plans
+instances synthesized from pg_stats, the Dexter-style baseline generic plans (as Dexter on PostgreSQL 15).
+Parallel query and JIT are off so that runtimes compare plans, not the machine's mood.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import random
@@ -30,8 +33,8 @@ from advisors.catalog import format_bytes, load_catalog
 from advisors.dexter import dexter_advise, within_budget
 from advisors.indexes import AdvisorSettings, WorkloadCost, advise_indexes
 from advisors.whatif import IndexSpec, WhatIf
-from advisors.workload import load_workload
-from bench.workloads.recorder import Recorder, Statement
+from advisors.workload import Instance, Workload, load_workload
+from bench.workloads.recorder import Recorder, Statement, analyze_text
 from bench.workloads.tpch import TABLES, TEMPLATES, load_tpch
 from tests.support.services import PgCluster
 
@@ -52,6 +55,23 @@ def record_workload(dsn: str, scale: float, parameters: bool, seed: int = 1) -> 
         summary = recorder.run(statements)
     log.info("logged %d statements in %.0fs (%d errors)", summary.statements, summary.seconds, summary.errors)
     return summary.statements
+
+
+def unseen_workload(workload: Workload, held_out: list[dict[int, str]]) -> Workload:
+    """The logged workload's templates and frequencies, with the held-out instances (literal SQL) to plan."""
+    by_fp: dict[str, list[str]] = {}
+    for instances in held_out:
+        for sql in instances.values():
+            by_fp.setdefault(analyze_text(sql)[0].fingerprint, []).append(sql)
+    templates = []
+    for t in workload.templates:
+        sqls = by_fp.get(t.fingerprint)
+        if sqls:
+            fresh = copy.copy(t)
+            fresh.instances = [Instance(sql, None, "literal", frozenset(t.tables)) for sql in sqls]
+            templates.append(fresh)
+    return Workload(templates, workload.source, workload.window_start, workload.window_end,
+                    workload.write_rows, workload.updated_columns)
 
 
 def drop_secondary_indexes(conn) -> None:
@@ -113,16 +133,23 @@ def main(argv: list[str] | None = None) -> int:
         conn = psycopg.connect(dsn, autocommit=True)
         catalog = load_catalog(conn)
         workload = load_workload(conn, catalog, database="tpch", instances_per_template=3)
+        # Dexter on PostgreSQL 15 plans what pg_stat_statements gives it: without values, generic plans.
+        dexter_workload = workload if not args.no_parameters else load_workload(
+            conn, catalog, database="tpch", instances_per_template=3, synthesize=False)
         data_bytes = sum(catalog.tables[f"public.{t}"].heap_bytes for t in TABLES)
         settings = AdvisorSettings()
         whatif = WhatIf(conn, catalog)
-        model = WorkloadCost(whatif, workload, catalog, settings)
-        base_cost = model.total(frozenset())
-        log.info("data %s, %d templates (%s), baseline estimated cost %.4g", format_bytes(data_bytes),
-                 len(model.templates), workload.templates[0].instances[0].source, base_cost)
+        held_out = [{n: make(random.Random(1000 + r), scale=args.scale) for n, make in TEMPLATES.items()}
+                    for r in range(args.rounds)]
+        evaluation = WorkloadCost(whatif, unseen_workload(workload, held_out), catalog,
+                                  AdvisorSettings(instances_for_selection=args.rounds))
+        logged = WorkloadCost(whatif, workload, catalog, settings)
+        log.info("data %s, %d templates (%s instances), estimated cost without indexes %.4g",
+                 format_bytes(data_bytes), len(logged.templates), workload.templates[0].instances[0].source,
+                 evaluation.total(frozenset()))
 
         started = time.monotonic()
-        dexter = {pct: dexter_advise(whatif, workload, catalog, pct) for pct in (50.0, 10.0)}
+        dexter = {pct: dexter_advise(whatif, dexter_workload, catalog, pct) for pct in (50.0, 10.0)}
         dexter_seconds = time.monotonic() - started
         rows = [{"budget": None, "method": "no indexes", "indexes": [], "trimmed": False}]
         for pct in (int(b) for b in args.budgets.split(",")):
@@ -138,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             config = frozenset(row["indexes"])
             row["est_bytes"] = sum(whatif.size(s) for s in config)
-            row["est_cost_rel"] = model.total(config) / base_cost
+            row["est_cost_rel"] = evaluation.total(config) / evaluation.total(frozenset())
+            row["est_cost_rel_logged"] = logged.total(config) / logged.total(frozenset())
             row["definitions"] = [s.describe() for s in row["indexes"]]
         whatif.close()
 
@@ -154,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         real_bytes: dict[frozenset, int] = {}
         calls = {n: float(c) for n, c in FREQUENCIES.items()}
         for r in range(args.rounds):
-            rng = random.Random(1000 + r)
-            instances = {n: make(rng, scale=args.scale) for n, make in TEMPLATES.items()}
+            instances = held_out[r]
             order = keys[r % len(keys):] + keys[:r % len(keys)]
             for key in order:
                 seconds, nbytes = build(conn, configs[key])
@@ -189,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(rows: list[dict], data_bytes: int, args) -> None:
-    print(f"\nTPC-H SF {args.scale}: data {format_bytes(data_bytes)}, {sum(FREQUENCIES.values())} logged calls, "
-          f"{args.rounds} rounds; est. cost and runtime relative to no indexes (runtime: median of per-round ratios)")
+    print(f"\nTPC-H SF {args.scale}: data {format_bytes(data_bytes)}, {sum(FREQUENCIES.values())} logged calls "
+          f"({'without' if args.no_parameters else 'with'} parameter values), {args.rounds} rounds. est.cost: HypoPG "
+          "estimate on the unseen instances, runtime: measured; both calls-weighted, rel. to no indexes "
+          "(runtime: median of per-round ratios)")
     head = f"{'budget':>7} {'method':<12} {'#idx':>4} {'size':>9} {'est.cost':>9} {'runtime':>9} {'rel.':>6}"
     print(head)
     print("-" * len(head))
