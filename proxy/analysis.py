@@ -6,9 +6,14 @@ that differ only in their constants, as simple-protocol clients send them (`... 
 share one analysis. A miss costs one `pglast.parser.parse_sql_json` plus one `fingerprint` per statement;
 the Python AST (`pglast.parse_sql`) is never built.
 
-Sharing an entry between texts is sound only where constants do not change the analysis: statements of kind
-ddl, utility and copy (where a literal can be a file name, an option or a comment that the fingerprint sees)
-are cached under their exact text only.
+Sharing an entry between texts is sound only where constants do not change the analysis: every literal of
+the text must be a constant node (A_Const, which the fingerprint ignores; not current_timestamp(3)'s precision,
+a COMMENT's text or a COPY file name), and the statement not of kind ddl, utility or copy. Other texts are
+cached under their exact text only. Type modifiers (varchar(10)) are constants the fingerprint ignores but
+normalization keeps, so the normalized text of a shared entry shows the first text's modifiers. Unparseable
+texts are not shared either. What remains: a text that fails to parse only because of the type of one of its
+literals (`interval 5 day` where `interval '5' day` parses) gets the analysis of a well-formed sibling
+cached before it; the server refuses such a statement anyway.
 
 Unparseable SQL never raises: it gets kind "other" and a sha1-based fingerprint of its literal-stripped text
 (of the raw text when even the scanner cannot make sense of it, e.g. an unterminated quote).
@@ -132,11 +137,11 @@ class StatementInfo:
     """What the log and the cache need to know about one SQL text (one statement, or several in `statements`)."""
 
     __slots__ = ("fingerprint", "normalized", "kind", "tables_read", "tables_written", "statements",
-                 "literal_count", "parsed")
+                 "literal_count", "parsed", "shareable")
 
     def __init__(self, fingerprint: str, normalized: str, kind: str, tables_read: tuple[str, ...],
                  tables_written: tuple[str, ...], literal_count: int, parsed: bool,
-                 statements: tuple["StatementInfo", ...] | None = None):
+                 statements: tuple["StatementInfo", ...] | None = None, shareable: bool = True):
         self.fingerprint = fingerprint          # 16 hex digits (pglast fingerprint, or sha1-based when unparseable)
         self.normalized = normalized            # constants replaced by $n, comments dropped
         self.kind = kind                        # one of KINDS
@@ -145,10 +150,9 @@ class StatementInfo:
         self.literal_count = literal_count      # literals in the text, to split extracted values per statement
         self.parsed = parsed
         self.statements = statements if statements is not None else (self,)
+        # Whether texts differing from this one only in literals have the same analysis (see Analyzer).
+        self.shareable = shareable and all(s.shareable for s in statements or ())
 
-    @property
-    def shareable(self) -> bool:
-        return all(s.kind in _SHAREABLE_KINDS for s in self.statements)
 
     def __repr__(self) -> str:
         return (f"StatementInfo({self.fingerprint} {self.kind} read={list(self.tables_read)} "
@@ -330,9 +334,10 @@ def analyze_uncached(sql: str, key: str | None = None) -> StatementInfo:
             if not clean:
                 key = None
         literals, comments, _, _ = _lex(sql)
+        # Not shared: a sibling text may parse (current_timestamp(0) vs current_timestamp('x')).
         if key is not None:
             return StatementInfo(_sha1_fingerprint(key), key.replace(PLACEHOLDER, "?").strip(), "other",
-                                 (), (), len(literals), False)
+                                 (), (), len(literals), False, shareable=False)
         # Literals become "?" and comments go, as in the key; the fingerprint is of the raw text.
         edits = sorted([(s, e, "?") for s, e in literals] + [(s, e, " ") for s, e in comments])
         out, pos = [], 0
@@ -342,7 +347,8 @@ def analyze_uncached(sql: str, key: str | None = None) -> StatementInfo:
                 out.append(replacement)
                 pos = e
         out.append(sql[pos:])
-        return StatementInfo(_sha1_fingerprint(sql), "".join(out).strip(), "other", (), (), len(literals), False)
+        return StatementInfo(_sha1_fingerprint(sql), "".join(out).strip(), "other", (), (), len(literals), False,
+                             shareable=False)
 
 
 def _analyze(sql: str) -> StatementInfo:
@@ -385,7 +391,11 @@ def _statement_info(sql: str, cs: int, ce: int, stmt: dict, literals, comments, 
     written = _unique([t for _, t in sorted(facts.written)])
     conv = (lambda x: x) if to_char is None else to_char
     typmods = {conv(loc) for loc in facts.typmod_locs}
-    negatives = {c for c in (conv(loc) for loc in facts.const_locs) if sql[c:c + 1] == "-"}
+    constants = {conv(loc) for loc in facts.const_locs}
+    negatives = {c for c in constants if sql[c:c + 1] == "-"}
+    # The fingerprint ignores A_Const nodes only: a literal that is something else (current_timestamp(3),
+    # a COMMENT's text, a COPY file name) makes texts differing in it different statements.
+    only_constants = True
 
     # Spans to rewrite inside the statement: literals become $n, comments disappear.
     first_param = 1 + max((int(sql[s + 1:e]) for s, e in params if cs <= s < ce), default=0)
@@ -401,6 +411,8 @@ def _statement_info(sql: str, cs: int, ce: int, stmt: dict, literals, comments, 
                 back -= 1
             if back in negatives:
                 s = back
+            elif s not in constants:
+                only_constants = False
             edits.append((s, e, "$"))
     for s, e in comments:
         if cs <= s < ce:
@@ -420,8 +432,9 @@ def _statement_info(sql: str, cs: int, ce: int, stmt: dict, literals, comments, 
     out.append(sql[pos:ce])
     normalized = "".join(out).strip()
     text = sql[cs:ce]
-    return StatementInfo(pg_parser.fingerprint(text), normalized, statement_kind(node_type, body),
-                         read, written, count, True)
+    kind = statement_kind(node_type, body)
+    return StatementInfo(pg_parser.fingerprint(text), normalized, kind, read, written, count, True,
+                         shareable=only_constants and kind in _SHAREABLE_KINDS)
 
 
 default_analyzer = Analyzer()
