@@ -169,7 +169,8 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 class CopyTextEncoder:
     """Rows as COPY text format, with the repeating parts (names, table lists, the second of ts) cached.
 
-    asyncpg's binary COPY spends most of its time encoding (inet parsing, array checks); this is ~3x cheaper.
+    Cheaper in CPU than asyncpg's binary COPY of the same records, which parses every inet value again and
+    checks every array's type (bench.querylog_submit measures the writer against that reference).
     """
 
     def __init__(self):
