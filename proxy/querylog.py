@@ -986,11 +986,15 @@ class QueryLog:
                 await asyncio.wait_for(self._conn.execute(
                     _REFRESH_LAST_SEEN, fps, [dt.datetime.fromtimestamp(seen[fp], _UTC) for fp in fps]),
                     self.cfg.write_timeout)
-        except BaseException:
+        except BaseException as e:
             for fp, ts in seen.items():   # keep them for the next try
                 if ts > self._last_seen.get(fp, 0.0):
                     self._last_seen[fp] = ts
-            raise
+            sqlstate = getattr(e, "sqlstate", None)
+            if not isinstance(sqlstate, str) or sqlstate[:2] in ("08", "57"):
+                raise   # the connection is gone (or we are cancelled)
+            # A deadlock with another proxy's refresh, say: the connection is fine, try again next time.
+            log.warning("query log: templates.last_seen refresh failed (%s), retried later", e)
 
 
 def _is_transient(e: BaseException) -> bool:
