@@ -74,15 +74,21 @@ def build_trace(event_log: EventLog, mask: np.ndarray) -> Trace:
     pairs = np.stack([t.astype(np.int64), raw_key])
     _, key = np.unique(pairs, axis=1, return_inverse=True)
     key = np.where(is_read, key.ravel(), -1)
+    # Tables are told apart by database: a write to app.orders does not touch tpch.orders.
+    first = np.full(len(event_log.fingerprints), -1)
+    seen = np.unique(event_log.template, return_index=True)
+    first[seen[0]] = seen[1]
     table_ids: dict[str, int] = {}
     reads_tables, writes_tables = [], []
-    for fp in event_log.fingerprints:
+    for tid, fp in enumerate(event_log.fingerprints):
         tp = event_log.templates.get(fp)
-        reads_tables.append([table_ids.setdefault(_bare(x), len(table_ids)) for x in (tp.tables_read if tp else ())])
+        db = event_log.databases[event_log.database[first[tid]]] if first[tid] >= 0 else ""
+        reads_tables.append([table_ids.setdefault(f"{db}.{_bare(x)}", len(table_ids))
+                             for x in (tp.tables_read if tp else ())])
         written = tp.tables_written if tp else ()
         if tp is not None and tp.kind == "ddl" and not written:
             written = tp.tables_read  # DDL on a table: anything cached from it is gone
-        writes_tables.append([table_ids.setdefault(_bare(x), len(table_ids)) for x in written])
+        writes_tables.append([table_ids.setdefault(f"{db}.{_bare(x)}", len(table_ids)) for x in written])
     next_use = _next_uses(t, is_read, key, reads_tables, writes_tables, len(table_ids))
     return Trace(idx, t, is_read, ~is_read, key, event_log.duration_us[idx], event_log.bytes_out[idx], next_use,
                  reads_tables, writes_tables)

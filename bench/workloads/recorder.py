@@ -418,6 +418,8 @@ def pgbench_script(script: str, *, scale: int = 1, transactions: int, rng: rando
     return
 
 
-def virtual_start(events: int, rate_per_s: float) -> float:
-    """A start time such that `events` at `rate_per_s` end about now (so the learner's window covers them)."""
-    return math.floor(time.time() - events / rate_per_s)
+def virtual_start(events: int, rate_per_s: float, now: float | None = None) -> float:
+    """A start for `events` at `rate_per_s` that ends before now, at midnight UTC: recent enough for the
+    learner's window, and the same time of day whenever it runs (the daily curve makes a stream depend on it)."""
+    now = time.time() if now is None else now
+    return math.floor((now - events / rate_per_s) / 86400.0 - 1.0) * 86400.0
