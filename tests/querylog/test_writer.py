@@ -73,17 +73,16 @@ def test_templates_hold_one_row_per_fingerprint_across_writers(tmp_path, store_d
 def test_templates_last_seen_follows_the_latest_event(tmp_path, store_dsn):
     sql = "SELECT 1 FROM pgbench_branches WHERE bid = 1"
     early, late = time.time() - 3600, time.time()
-    cfg = make_config(tmp_path, templates_refresh_interval=0.05)
-    asyncio.run(_log_all(cfg, store_dsn, [make_event(sql, 1, ts=early)]))
 
-    async def later():
-        log = QueryLog(cfg, store_dsn, "p1")
+    async def scenario():
+        log = QueryLog(make_config(tmp_path, templates_refresh_interval=0.05), store_dsn, "p1")
         await log.start()
+        log.submit(make_event(sql, 1, ts=early))
         await log.flush()
-        log.submit(make_event(sql, 2, ts=late))   # the template is known by now: only last_seen moves
+        log.submit(make_event(sql, 2, ts=late))   # a known template now: only the periodic refresh moves it
         await log.flush()
         await log.stop()
-    asyncio.run(later())
+    asyncio.run(scenario())
 
     first_seen, last_seen = fetch(store_dsn, "SELECT extract(epoch FROM first_seen), extract(epoch FROM last_seen) "
                                              "FROM pgpilot.templates")[0]
