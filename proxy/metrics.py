@@ -67,6 +67,8 @@ class ProxyCollector(Collector):
         yield from self._traffic(server, live)
         if server.query_log is not None:
             yield from self._query_log(server.query_log.stats())
+        if getattr(server, "models", None) is not None:
+            yield from server.models.metric_families()
 
     def _process_level(self, server):
         from pgpilot import __version__
@@ -146,7 +148,8 @@ class ProxyCollector(Collector):
             db = [pool.name]
             states = dict.fromkeys(SERVER_STATES, 0)
             for be in pool.all:
-                states[server_state(pool, be)] = states.get(server_state(pool, be), 0) + 1
+                state = server_state(pool, be)
+                states[state] = states.get(state, 0) + 1
             states["connecting"] += pool.connecting
             for state, n in states.items():
                 servers.add_metric([pool.name, state], n)

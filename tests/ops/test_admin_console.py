@@ -10,6 +10,7 @@ import pytest
 
 from tests.ops.helpers import admin_connect, admin_psql, admin_rows, pool_row, wait_until
 from tests.proxy.helpers import backend_pid, connect
+from tests.support.proxy import ProxyProcess, upstream_entry
 from tests.support.wire import RawConnection, error_fields, startup_packet
 
 SHOW_COLUMNS = {
@@ -27,9 +28,19 @@ SHOW_COLUMNS = {
 }
 
 
+@pytest.fixture(scope="module")
+def proxy(pg):
+    """One proxy for the tests that leave it as they found it (each test uses its own user or cleans up)."""
+    proxy = ProxyProcess({"databases": {pg.dbname: upstream_entry(pg)}, "pool_size": 2,
+                          "admin": {"stats_users": ["watcher"]}}).start()
+    yield proxy
+    proxy.stop()
+
+
 @pytest.fixture
-def proxy(pg, proxy_factory):
-    return proxy_factory(pool_size=2, admin={"stats_users": ["watcher"]})
+def own_proxy(pg, proxy_factory):
+    """A proxy for a test that changes its configuration or stops it."""
+    return proxy_factory(pool_size=2)
 
 
 @pytest.mark.parametrize("command", sorted(SHOW_COLUMNS))
@@ -45,14 +56,14 @@ def test_show_command_answers_a_table_in_psql(command, proxy, pg):
 
 
 def test_show_tables_carry_real_types(proxy, pg):
-    with connect(proxy, pg.dbname) as client:
+    with connect(proxy, pg.dbname, application_name="typed") as client:
         pid = backend_pid(client)
         client.execute("BEGIN")
         client.execute("SELECT 1")
         with admin_connect(proxy) as admin:
             cur = admin.execute("SHOW CLIENTS")
             types = {d.name: d.type_code for d in cur.description}
-            mine = next(r for r in cur.fetchall() if r[2] == pg.dbname)
+            mine = next(r for r in cur.fetchall() if r[3] == "typed")
         client.execute("COMMIT")
 
     assert (types["id"], types["user"], types["connected_at"], types["wait_s"]) == (20, 25, 1184, 701)
@@ -63,9 +74,9 @@ def test_show_tables_carry_real_types(proxy, pg):
 
 
 def test_show_servers_ties_a_backend_to_its_client(proxy, pg):
-    with connect(proxy, pg.dbname, autocommit=False) as client:
+    with connect(proxy, pg.dbname, autocommit=False, application_name="tied") as client:
         pid = backend_pid(client)
-        client_id = next(r["id"] for r in admin_rows(proxy, "SHOW CLIENTS") if r["database"] == pg.dbname)
+        client_id = next(r["id"] for r in admin_rows(proxy, "SHOW CLIENTS") if r["application_name"] == "tied")
         servers = admin_rows(proxy, "SHOW SERVERS")
 
     mine = next(s for s in servers if s["pid"] == pid)
@@ -73,12 +84,12 @@ def test_show_servers_ties_a_backend_to_its_client(proxy, pg):
 
 
 def test_show_stats_counts_queries_per_database_and_user(proxy, pg):
-    with connect(proxy, pg.dbname) as client:
+    with connect(proxy, pg.dbname, user="stats_counter") as client:
         for i in range(7):
             client.execute("SELECT %s::int", (i,))
 
-    stats = next(r for r in admin_rows(proxy, "SHOW STATS") if r["database"] == pg.dbname)
-    assert stats["user"] == "postgres"
+    stats = next(r for r in admin_rows(proxy, "SHOW STATS")
+                 if (r["database"], r["user"]) == (pg.dbname, "stats_counter"))
     assert stats["queries"] == 7
     assert stats["bytes_in"] > 0 and stats["bytes_out"] > 0
 
@@ -115,7 +126,8 @@ def test_unknown_command_is_a_syntax_error_listing_the_commands(proxy):
         admin.execute("SHOW NONSENSE")
 
     assert err.value.sqlstate == "42601"
-    assert "SHOW CLIENTS|" in err.value.diag.message_hint and "RELOAD" in err.value.diag.message_hint
+    hint = err.value.diag.message_hint
+    assert hint.startswith("commands: SHOW ") and "|CLIENTS|" in hint and "RELOAD" in hint and "KILL" in hint
 
 
 def test_user_in_neither_list_is_refused(proxy):
@@ -144,9 +156,9 @@ def test_stats_user_may_not_change_anything(command, proxy):
 
 
 def test_kill_closes_the_client_with_57P01(proxy, pg):
-    client = connect(proxy, pg.dbname)
+    client = connect(proxy, pg.dbname, application_name="doomed")
     client.execute("SELECT 1")
-    client_id = next(r["id"] for r in admin_rows(proxy, "SHOW CLIENTS") if r["database"] == pg.dbname)
+    client_id = next(r["id"] for r in admin_rows(proxy, "SHOW CLIENTS") if r["application_name"] == "doomed")
 
     out = admin_psql(proxy, f"KILL {client_id}")
 
@@ -164,12 +176,12 @@ def test_kill_of_an_unknown_client_is_an_error(proxy):
     assert err.value.sqlstate == "42704"
 
 
-def test_pause_waits_for_open_transactions_and_resume_lets_waiting_clients_on(proxy, pg):
-    holder = connect(proxy, pg.dbname, autocommit=False)
+def test_pause_waits_for_open_transactions_and_resume_lets_waiting_clients_on(own_proxy, pg):
+    holder = connect(own_proxy, pg.dbname, autocommit=False)
     holder.execute("SELECT 1")          # a transaction holding a backend
-    pause = threading.Thread(target=admin_psql, args=(proxy, "PAUSE"))
+    pause = threading.Thread(target=admin_psql, args=(own_proxy, "PAUSE"))
     pause.start()
-    wait_until(lambda: pool_row(proxy, pg.dbname)["status"] == "paused", what="the pool to be paused")
+    wait_until(lambda: pool_row(own_proxy, pg.dbname)["status"] == "paused", what="the pool to be paused")
     assert pause.is_alive(), "PAUSE returned while a transaction still held a backend"
 
     holder.commit()
@@ -177,17 +189,17 @@ def test_pause_waits_for_open_transactions_and_resume_lets_waiting_clients_on(pr
     assert not pause.is_alive()
     answers = []
     newcomer = threading.Thread(target=lambda: answers.append(
-        connect(proxy, pg.dbname).execute("SELECT 42").fetchone()[0]))
+        connect(own_proxy, pg.dbname).execute("SELECT 42").fetchone()[0]))
     newcomer.start()
-    wait_until(lambda: pool_row(proxy, pg.dbname)["cl_waiting"] == 1, what="the new client to wait")
+    wait_until(lambda: pool_row(own_proxy, pg.dbname)["cl_waiting"] == 1, what="the new client to wait")
     assert answers == []
 
-    out = admin_psql(proxy, "RESUME")
+    out = admin_psql(own_proxy, "RESUME")
     newcomer.join(20)
 
     assert out.returncode == 0, out.stderr
     assert answers == [42]
-    assert pool_row(proxy, pg.dbname)["status"] == "active"
+    assert pool_row(own_proxy, pg.dbname)["status"] == "active"
     holder.close()
 
 
@@ -198,35 +210,35 @@ def test_pause_of_an_unknown_database_is_an_error(proxy):
     assert err.value.sqlstate == "3D000"
 
 
-def test_reload_from_the_console_applies_a_new_pool_size(proxy, pg):
-    proxy.config["pool_size"] = 5
-    proxy.write_config()
+def test_reload_from_the_console_applies_a_new_pool_size(own_proxy, pg):
+    own_proxy.config["pool_size"] = 5
+    own_proxy.write_config()
 
-    out = admin_psql(proxy, "RELOAD")
+    out = admin_psql(own_proxy, "RELOAD")
 
     assert out.returncode == 0, out.stderr
-    assert pool_row(proxy, pg.dbname)["pool_size"] == 5
+    assert pool_row(own_proxy, pg.dbname)["pool_size"] == 5
 
 
-def test_reload_of_a_broken_config_is_refused_naming_the_key_and_file(proxy, pg):
-    proxy.config["pool_size"] = 0
-    proxy.write_config()
+def test_reload_of_a_broken_config_is_refused_naming_the_key_and_file(own_proxy, pg):
+    own_proxy.config["pool_size"] = 0
+    own_proxy.write_config()
 
-    with admin_connect(proxy) as admin, pytest.raises(psycopg.Error) as err:
+    with admin_connect(own_proxy) as admin, pytest.raises(psycopg.Error) as err:
         admin.execute("RELOAD")
 
     assert err.value.sqlstate == "F0000"
     assert "pool_size" in err.value.diag.message_detail
-    assert str(proxy.config_path) in err.value.diag.message_detail
-    assert pool_row(proxy, pg.dbname)["pool_size"] == 2
+    assert str(own_proxy.config_path) in err.value.diag.message_detail
+    assert pool_row(own_proxy, pg.dbname)["pool_size"] == 2
 
 
-def test_shutdown_stops_the_proxy_with_exit_status_0(proxy):
-    out = admin_psql(proxy, "SHUTDOWN")
+def test_shutdown_stops_the_proxy_with_exit_status_0(own_proxy):
+    out = admin_psql(own_proxy, "SHUTDOWN")
 
     assert out.returncode == 0, out.stderr
-    proxy.proc.wait(20)
-    assert proxy.proc.returncode == 0
+    own_proxy.proc.wait(20)
+    assert own_proxy.proc.returncode == 0
 
 
 def test_show_queries_lists_query_templates_from_the_query_log(pg, fresh_db, proxy_factory, tmp_path):
