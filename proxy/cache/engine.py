@@ -220,7 +220,11 @@ class ResultCache:
             if not v.cacheable:
                 self.uncacheable[v.reason] += 1
             return v
-        v = self._classify_cold(sql, ctx)
+        try:
+            v = self._classify_cold(sql, ctx)
+        except Exception:  # noqa: BLE001 - never into the session: not cacheable, and logged
+            log.exception("cache: classifying a statement failed")
+            v = uncacheable("error")
         if not v.cacheable:
             self.uncacheable[v.reason] += 1
         return v
@@ -341,7 +345,11 @@ class ResultCache:
         w = self._writes.get((sql, ctx.scope))
         if w is not None:
             return w
-        return self._writes_cold(sql, ctx)
+        try:
+            return self._writes_cold(sql, ctx)
+        except Exception:  # noqa: BLE001 - unknown write targets: flush, never fail the session
+            log.exception("cache: finding a statement's writes failed")
+            return (FLUSH,)
 
     def _writes_cold(self, sql: bytes, ctx: CacheContext) -> tuple[str, ...]:
         if not self._started:
@@ -416,8 +424,12 @@ class ResultCache:
             return None, None
         fields = tables.fields
         l1 = self.l1.get(key)
-        tag, value, reason = await self.store.lookup(tables.db.hash_key if fields else None, fields,
-                                                     self.store.entry_key(key), l1.tag if l1 is not None else "")
+        try:
+            tag, value, reason = await self.store.lookup(tables.db.hash_key if fields else None, fields,
+                                                         self.store.entry_key(key), l1.tag if l1 is not None else "")
+        except Exception:  # noqa: BLE001 - a bug here must cost a bypass, never the client's query
+            log.exception("cache: lookup failed")
+            tag, value, reason = None, None, "error"
         if tag is None:
             self.bypass[reason] += 1
             return None, None
@@ -467,6 +479,13 @@ class ResultCache:
         """Offer a result read from Postgres after lookup() missed; stored in the background if admitted."""
         if token is None or not key:
             return
+        try:
+            self._fill(key, tables, token, payload, exec_us, template or "")
+        except Exception:  # noqa: BLE001 - a fill that fails is a fill not made
+            log.exception("cache: fill failed")
+            self.fills_rejected["error"] += 1
+
+    def _fill(self, key: bytes, tables, token, payload: bytes, exec_us: int, template: str) -> None:
         tag, version = token
         if version != self.catalog_version or not self._started:
             self.fills_rejected["catalog_changed"] += 1
@@ -527,7 +546,7 @@ class ResultCache:
             self._catalog_changed(None)
         groups: dict[str, list[str]] = {}
         for t in tables:
-            if t[0] == "*":
+            if not t or t[0] == "*":
                 continue
             parts = self._elements.get(t)
             if parts is None:
@@ -539,7 +558,7 @@ class ResultCache:
             groups.setdefault(parts[0], []).append(parts[1])
         if not groups and not flush:
             return True
-        message = CATALOG if catalog else FLUSH if flush else "\n".join(t for t in tables if t[0] != "*")
+        message = CATALOG if catalog else FLUSH if flush else "\n".join(t for t in tables if t and t[0] != "*")
         try:
             ok = await self.store.bump(flush, groups, message)
         except Exception:  # noqa: BLE001 - never raise into the session
