@@ -14,8 +14,10 @@ from tests.support.services import PgCluster
 
 @pytest.fixture(scope="module")
 def ssl_pg(tls_files):
-    """A private cluster with ssl=on, serving the test CA's certificate for 127.0.0.1."""
+    """A private cluster with ssl=on, serving the test CA's certificate for 127.0.0.1, refusing plaintext clients."""
     cluster = PgCluster(settings={"ssl": "on", "ssl_cert_file": "server.crt", "ssl_key_file": "server.key"}).init()
+    (cluster.datadir / "pg_hba.conf").write_text("hostssl all all 127.0.0.1/32 trust\n"
+                                                 "hostnossl all all 127.0.0.1/32 reject\n")
     for name, source in (("server.crt", tls_files["cert"]), ("server.key", tls_files["key"])):
         target = cluster.datadir / name
         shutil.copyfile(source, target)
@@ -33,7 +35,7 @@ def test_verify_full_reaches_the_upstream_over_tls(proxy_factory, ssl_pg, tls_fi
 
     with psycopg.connect(proxy.dsn("postgres"), autocommit=True, connect_timeout=10) as conn:
         pid = backend_pid(conn)
-    with psycopg.connect(ssl_pg.dsn, sslmode="disable", autocommit=True) as direct:
+    with psycopg.connect(ssl_pg.dsn, sslmode="require", autocommit=True) as direct:
         encrypted = direct.execute("SELECT ssl, version FROM pg_stat_ssl WHERE pid = %s", [pid]).fetchone()
 
     assert encrypted[0] is True
@@ -48,6 +50,17 @@ def test_an_upstream_certificate_from_another_ca_is_refused(proxy_factory, ssl_p
         psycopg.connect(proxy.dsn("postgres"), connect_timeout=10)
 
     assert "certificate verify failed" in str(refused.value)
+
+
+def test_allow_retries_with_tls_when_the_upstream_refuses_plaintext(proxy_factory, ssl_pg):
+    proxy = proxy_factory(databases={"postgres": upstream_entry(ssl_pg, "postgres", sslmode="allow")})
+
+    with psycopg.connect(proxy.dsn("postgres"), autocommit=True, connect_timeout=10) as conn:
+        pid = backend_pid(conn)
+    with psycopg.connect(ssl_pg.dsn, sslmode="require", autocommit=True) as direct:
+        encrypted = direct.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = %s", [pid]).fetchone()[0]
+
+    assert encrypted is True
 
 
 def test_require_refuses_an_upstream_without_tls(proxy_factory, pg):
