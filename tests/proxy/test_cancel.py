@@ -5,7 +5,6 @@ import threading
 import time
 
 import psycopg
-import pytest
 
 from tests.proxy.helpers import connect
 

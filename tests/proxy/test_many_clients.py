@@ -27,14 +27,14 @@ def test_thousand_concurrent_clients_over_a_pool_of_20_all_get_their_answer(fres
     async def scenario():
         sem = asyncio.Semaphore(200)  # connect in waves so the listen backlog never overflows
 
-        async def open_one():
+        async def open_one(i: int) -> asyncpg.Connection:
             async with sem:
-                return await asyncpg.connect(host=proxy.host, port=proxy.port, user=f"client{len(opened)}",
+                return await asyncpg.connect(host=proxy.host, port=proxy.port, user=f"client{i}",
                                              database=fresh_db, timeout=60)
 
         opened: list[asyncpg.Connection] = []
         try:
-            for conn in await asyncio.gather(*(open_one() for _ in range(CLIENTS))):
+            for conn in await asyncio.gather(*(open_one(i) for i in range(CLIENTS))):
                 opened.append(conn)
             answers = await asyncio.gather(*(
                 conn.fetchval("SELECT $1::int FROM pg_sleep(0.01)", i) for i, conn in enumerate(opened)))

@@ -8,7 +8,7 @@ import psycopg2
 import psycopg2.extras
 import pytest
 
-from tests.proxy.helpers import backend_pid, connect, holding_backend
+from tests.proxy.helpers import connect, holding_backend
 
 POOL_SIZE = 2
 

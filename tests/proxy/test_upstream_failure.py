@@ -96,11 +96,7 @@ def test_backend_dying_mid_query_gives_a_class_08_error_and_service_resumes(upst
     with connect(proxy, "postgres") as client, psycopg.connect(upstream.dsn, autocommit=True) as direct:
         worker = threading.Thread(target=long_query, args=(client,), daemon=True)
         worker.start()
-        pid = None
-        while pid is None:
-            row = direct.execute("SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'").fetchone()
-            pid = row[0] if row else time.sleep(0.02)
-        os.kill(pid, signal.SIGKILL)
+        os.kill(running_backend(direct, "SELECT pg_sleep(30)"), signal.SIGKILL)
         worker.join(20)
         resumed = retry_until_answered(proxy, client, "SELECT 'resumed'")
 
@@ -109,6 +105,17 @@ def test_backend_dying_mid_query_gives_a_class_08_error_and_service_resumes(upst
     assert error.sqlstate and error.sqlstate.startswith("08"), repr(error)
     assert resumed == "resumed"
     assert proxy.alive()
+
+
+def running_backend(direct: psycopg.Connection, sql: str, timeout: float = 10) -> int:
+    """The pid of the upstream backend executing `sql`, once it has started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = direct.execute("SELECT pid FROM pg_stat_activity WHERE query = %s", [sql]).fetchone()
+        if row:
+            return row[0]
+        time.sleep(0.02)
+    raise AssertionError(f"{sql!r} never started on the upstream")
 
 
 def retry_until_answered(proxy, conn: psycopg.Connection, sql: str, attempts: int = 60):
