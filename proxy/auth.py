@@ -147,28 +147,29 @@ class AuthFile:
     """Secrets from a userlist.txt file, re-read whenever the file changes on disk."""
 
     def __init__(self, path: str, iterations: int = 4096):
+        """Reads the file now: OSError if it cannot be read (a config error at startup or reload)."""
         self.path = path
         self.iterations = iterations
-        self._stamp: tuple | None = None
+        self._stamp: tuple | str | None = None
         self._secrets: dict[str, Secret] = {}
+        self._read()
 
     def get(self, user: str) -> Secret | None:
-        self._refresh()
-        return self._secrets.get(user)
-
-    def _refresh(self) -> None:
         try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if stamp == self._stamp:
-                return
-            with open(self.path, encoding="utf-8") as f:
-                entries = parse_userlist(f.read())
+            self._read()
         except OSError as e:
             if self._stamp != "unreadable":
                 log.error("cannot read auth_file %s: %s (keeping the secrets read before)", self.path, e)
                 self._stamp = "unreadable"
+        return self._secrets.get(user)
+
+    def _read(self) -> None:
+        st = os.stat(self.path)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == self._stamp:
             return
+        with open(self.path, encoding="utf-8") as f:
+            entries = parse_userlist(f.read())
         self._secrets = {u: Secret(s, self.iterations) for u, s in entries.items()}
         self._stamp = stamp
         log.info("auth_file %s: %d users", self.path, len(self._secrets))

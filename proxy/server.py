@@ -129,7 +129,7 @@ class ProxyServer:
     def reload_auth(self, new_config: Config) -> None:
         """Apply a new config's auth and tls sections to clients that connect from now on.
 
-        Raises OSError (an unreadable certificate or key) to reject the new config; the old one stays.
+        Raises OSError (an unreadable certificate, key or auth_file) to reject the new config; the old one stays.
         """
         auth = ClientAuth(new_config)
         old, self.auth = self.auth, auth

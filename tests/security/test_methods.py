@@ -1,10 +1,14 @@
 """md5 logins, hba-style rules (first match wins, reject, trust, no match) and the brake on repeated failures."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import psycopg
 
 from tests.security.client import login
 from tests.security.conftest import PASSWORD, md5_hash, proxy_backends, psql, scram_secret
+from tests.support.proxy import REPO, ProxyProcess, upstream_entry
 
 
 def test_md5_login_works_with_an_md5_secret(proxy_factory, fresh_db, auth_file):
@@ -99,3 +103,15 @@ def test_repeated_failures_from_one_address_lock_it_out_but_not_others(proxy_fac
     assert locked_out["C"] == "28000"
     assert locked_out["M"].startswith("too many failed login attempts")
     assert elsewhere is None
+
+
+def test_the_proxy_does_not_start_with_an_unreadable_auth_file(tmp_path, pg):
+    proxy = ProxyProcess({"databases": {pg.dbname: upstream_entry(pg)},
+                          "auth": {"auth_file": str(tmp_path / "missing.txt")}})
+    proxy.write_config()
+
+    run = subprocess.run([sys.executable, "-m", "pgpilot", "serve", "-c", str(proxy.config_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    assert run.returncode == 1
+    assert "missing.txt" in run.stderr
