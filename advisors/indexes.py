@@ -6,11 +6,11 @@
 2. Every candidate is costed with HypoPG on each template's sampled instances; the workload cost is the
    sum over templates of calls x mean estimated cost, plus each index's write overhead (rows the log says
    were written to its table x advisors.index_write_cost).
-3. Selection is greedy with re-evaluation under the storage budget, run twice (benefit per byte, and
+3. Selection is greedy with (lazy) re-evaluation under the storage budget, run twice (benefit per byte, and
    absolute benefit), keeping the cheaper result; indexes that stopped paying are pruned at the end.
 4. Existing indexes are checked: invalid ones, exact duplicates, those covered by a longer index with the
-   same prefix, and those never scanned since the statistics reset get drop advice, each checked by hiding
-   the index (hypopg_hide_index) and re-planning the workload.
+   same prefix, and those never scanned since the statistics reset get drop advice, each checked against
+   the workload (hidden with hypopg_hide_index where HypoPG has it, else by the plans that use it).
 """
 from __future__ import annotations
 
@@ -330,7 +330,7 @@ class Selector:
         started = last = time.monotonic()
         for i, spec in enumerate(candidates):
             # Screening plans one instance per template; the selection itself plans them all.
-            gain, helped = self._gain(spec, frozenset(), self._relevant(spec), first_only=True)
+            gain, helped = self._gain(spec, frozenset(), self._relevant(spec, candidates[spec]), first_only=True)
             if helped:
                 self.affected[spec] = helped
                 self.single_gain[spec] = gain
@@ -338,11 +338,16 @@ class Selector:
                 last = time.monotonic()
                 log.info("costed %d/%d candidates in %.0fs", i + 1, len(candidates), last - started)
 
-    def _relevant(self, spec: IndexSpec) -> list[Template]:
-        """Templates that filter, join, sort or group on the index's leading column (the only ones it can help)."""
+    def _relevant(self, spec: IndexSpec, suggested_by: set[str]) -> list[Template]:
+        """Templates that filter, join, sort or group on the index's leading column (the only ones it can help).
+
+        A covering or partial variant is shaped after the templates that suggested it: only those are tried.
+        """
         lead = spec.columns[0]
         out = []
         for t in self.model.by_table.get(spec.table, []):
+            if (spec.include or spec.where) and t.fingerprint not in suggested_by:
+                continue
             for a in t.shape.accesses_of(spec.table):
                 if (lead in a.filter_columns() or lead in a.likes or lead in a.group_by
                         or any(c == lead for c, _ in a.order_by)):
@@ -656,6 +661,7 @@ def advise_indexes(target_conn, workload: Workload, catalog: Catalog, budget_byt
 def apply_advice(conn, advice: IndexAdvice, drops: bool = False, log_each=print) -> list[str]:
     """Run the advised DDL (CREATE INDEX CONCURRENTLY; DROP INDEX CONCURRENTLY only with drops=True)."""
     done = []
+    conn.execute("SET statement_timeout = 0")  # building an index on a big table takes what it takes
     for rec in advice.recommendations:
         if rec.action == "drop" and not drops:
             continue

@@ -22,7 +22,7 @@ from pglast.stream import RawStream
 
 from advisors.catalog import (SCRATCH_SCHEMA_PREFIX, Catalog, Table, format_bytes, load_catalog, parse_bytes,
                               quote_ident, quote_literal)
-from advisors.workload import Instance, Template, Workload, render_literal
+from advisors.workload import Template, Workload, render_literal
 
 log = logging.getLogger("pgpilot.advisors")
 
@@ -359,7 +359,7 @@ def build_plan(conn, table: Table, advice: PartitionAdvice, ahead: int = 3, batc
 LANGUAGE plpgsql SET TimeZone = 'UTC' AS $fn$
 DECLARE
   d timestamptz := date_trunc('{unit}', start_at);
-  stop timestamptz := date_trunc('{unit}', greatest(until_at, now())) + interval '1 {unit}' * {ahead + 1};
+  stop timestamptz := date_trunc('{unit}', until_at) + interval '1 {unit}' * {ahead + 1};
   part text;
   created integer := 0;
 BEGIN

@@ -239,9 +239,12 @@ class WhatIf:
             self.conn.execute("RESET plan_cache_mode")
 
     def close(self) -> None:
+        """Forget every hypothetical index and give the connection its settings back."""
         try:
             self._apply(frozenset(), frozenset())
             self.conn.execute("SELECT hypopg_reset()")
+            self.conn.execute("RESET statement_timeout")
+            self.conn.execute("RESET max_parallel_workers_per_gather")
         except Exception:
             pass
 

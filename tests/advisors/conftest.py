@@ -60,6 +60,18 @@ def tpch_base(pg):
     pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", check=False)
 
 
+@pytest.fixture(scope="session")
+def tpch_advice(tpch_base):
+    """Index advice (20 MB budget) for the logged TPC-H workload, computed once on the base database."""
+    from advisors.catalog import load_catalog
+    from advisors.indexes import AdvisorSettings, advise_indexes
+    from advisors.workload import load_workload
+    with psycopg.connect(tpch_base.dsn, autocommit=True) as conn:
+        catalog = load_catalog(conn)
+        workload = load_workload(conn, catalog, database=tpch_base.logged_as)
+        return advise_indexes(conn, workload, catalog, 20 << 20, AdvisorSettings(), include_drops=False)
+
+
 @pytest.fixture
 def tpch_db(pg, tpch_base):
     """A private copy of the logged TPC-H database."""

@@ -29,9 +29,8 @@ def index_definitions(conn) -> set[str]:
         "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public'")}
 
 
-def test_advice_for_a_logged_workload_lowers_its_estimated_cost(tpch_db, connect):
-    conn = connect(tpch_db.dsn)
-    advice = advise(conn, tpch_db, budget=20 << 20)
+def test_advice_for_a_logged_workload_lowers_its_estimated_cost(tpch_advice):
+    advice = tpch_advice
 
     assert advice.templates == 22 and advice.instance_sources == {"logged": 22}
     assert advice.creates, "no index advised for TPC-H"
@@ -44,12 +43,11 @@ def test_advice_for_a_logged_workload_lowers_its_estimated_cost(tpch_db, connect
     assert any(r.spec.table == "public.lineitem" and r.spec.columns[0] == "l_partkey" for r in advice.creates)
 
 
-def test_advice_from_logged_instances_does_not_regress_unseen_instances(tpch_db, connect):
+def test_advice_from_logged_instances_does_not_regress_unseen_instances(tpch_db, tpch_advice, connect):
     conn = connect(tpch_db.dsn)
     unseen = {n: sqls[UNSEEN] for n, sqls in tpch_db.instances.items()}
     before = {n: [explain_cost(conn, s) for s in sqls] for n, sqls in unseen.items()}
-    advice = advise(conn, tpch_db, budget=20 << 20, include_drops=False)
-    apply_advice(conn, advice, log_each=lambda _: None)
+    apply_advice(conn, tpch_advice, log_each=lambda _: None)
     conn.execute("ANALYZE")
     after = {n: [explain_cost(conn, s) for s in sqls] for n, sqls in unseen.items()}
 
