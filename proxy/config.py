@@ -74,8 +74,9 @@ class CacheConfig(_Section):
     key_prefix: str = "pgpilot:"                 # Redis key prefix, so deployments can share a Redis
     breaker_failures: int = Field(5, ge=1)       # consecutive Redis timeouts/errors that open the circuit
     breaker_cooldown: float = Field(2.0, gt=0)   # seconds the cache steps aside once the circuit opened
-    decode_interval: float = Field(0.01, gt=0)   # seconds between two reads of the logical decoding slot
-    decode_batch: int = Field(100_000, ge=1)     # changes read per slot call, at most
+    decoding: Literal["stream", "poll"] = "stream"   # read the decoding slot by replication protocol or by SQL
+    decode_interval: float = Field(0.01, gt=0)   # poll: seconds between two reads of the slot
+    decode_batch: int = Field(100_000, ge=1)     # poll: changes read per call, at most
     catalog_check_interval: float = Field(1.0, gt=0)  # seconds between catalog signature checks (DDL)
     analysis_cache_size: int = Field(50_000, ge=1)    # statement verdicts kept per proxy
     analysis_timeout: float = Field(2.0, gt=0)   # seconds a catalog probe of one statement may take

@@ -24,7 +24,7 @@ from proxy.cache import safety as S
 from proxy.cache.admission import AdmissionPolicy, HeuristicAdmission, TemplateTable
 from proxy.cache.catalog import CatalogSnapshot, ProbeResult, catalog_signature, load_snapshot, probe
 from proxy.cache.context import CacheContext
-from proxy.cache.decoding import ChangeFeed, DecodedTransaction
+from proxy.cache.decoding import ChangeFeed, DecodedTransaction, PollingFeed, StreamingFeed
 from proxy.cache.l1 import L1Cache, L1Entry
 from proxy.cache.store import LocalStore, RedisStore
 
@@ -171,10 +171,14 @@ class ResultCache:
             db.fresh = asyncio.Event()
             db.tasks = [loop.create_task(self._catalog_loop(db), name=f"cache-catalog-{db.name}"),
                         loop.create_task(self._probe_loop(db), name=f"cache-probe-{db.name}")]
-            db.feed = ChangeFeed(db.name, db.dsn, self.cfg.decode_interval, self.cfg.decode_batch,
-                                 on_changes=lambda txns, db=db: self._decoded(db, txns),
-                                 on_live=lambda db=db: self._feed_live(db),
-                                 on_lost=lambda err, db=db: self._feed_lost(db, err))
+            callbacks = dict(on_changes=lambda txns, db=db: self._decoded(db, txns),
+                             on_live=lambda db=db: self._feed_live(db),
+                             on_lost=lambda err, db=db: self._feed_lost(db, err))
+            if self.cfg.decoding == "poll":
+                db.feed = PollingFeed(db.name, db.dsn, interval=self.cfg.decode_interval,
+                                      batch=self.cfg.decode_batch, **callbacks)
+            else:
+                db.feed = StreamingFeed(db.name, db.dsn, **callbacks)
             db.feed.start()
         self._started = True
 
