@@ -13,7 +13,8 @@ Scenarios, each run as `pgbench -S` for --duration seconds:
   steady/plain, steady/tls: `-c 16 -j 2` on persistent connections with SCRAM logins, plaintext or TLS.
 Per round, per scenario, PgBouncer then pgpilot run back to back (A B A B ...), so noise hits both alike.
 The table shows the median TPS of each, the median of the per-round ratios pgpilot/PgBouncer, and each
-proxy's CPU time per transaction (psutil). Over TLS libpq picks SCRAM-SHA-256-PLUS with pgpilot (channel
+proxy's CPU time per transaction (psutil). Then --idle-clients connections (SCRAM logins, plaintext, then
+TLS) are opened to each proxy and held, and the growth of its resident memory per client is reported. Over TLS libpq picks SCRAM-SHA-256-PLUS with pgpilot (channel
 binding) and plain SCRAM-SHA-256 with PgBouncer, which does not offer it.
 """
 from __future__ import annotations
@@ -116,6 +117,24 @@ def pgbench(host: str, port: int, sslmode: str, options: list[str], duration: in
     return float(match.group(1))
 
 
+def rss_per_client(host: str, port: int, pid: int, sslmode: str, clients: int) -> float:
+    """Resident memory a proxy gains per idle client logged in (and kept) with sslmode, in KiB."""
+    import psycopg
+
+    def rss() -> int:
+        proc = psutil.Process(pid)
+        return proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+
+    before = rss()
+    conns = [psycopg.connect(host=host, port=port, user=USER, password=PASSWORD, dbname=DBNAME, sslmode=sslmode,
+                             connect_timeout=30) for _ in range(clients)]
+    try:
+        return (rss() - before) / clients / 1024
+    finally:
+        for c in conns:
+            c.close()
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time of a process and its children (PgBouncer may run under a wrapper)."""
     proc = psutil.Process(pid)
@@ -139,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5, help="seconds per pgbench run")
     parser.add_argument("--pool-size", type=int, default=20)
+    parser.add_argument("--idle-clients", type=int, default=300, help="clients held open for the memory figure")
     parser.add_argument("--json", help="write every run and the summary here")
     parser.add_argument("--quick", action="store_true", help="smoke run: one round of 1 s runs")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.duration = 1, 1
+        args.rounds, args.duration, args.idle_clients = 1, 1, 20
 
     tmp = Path(tempfile.mkdtemp(prefix="pgpilot-bench-auth-"))
     pg = PgCluster().start()
@@ -177,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                         runs.append(Run(r, name, target, None, None, str(e)))
                     print(f"[{len(runs)}/{total}] round {r + 1} {name:18} {target:9} "
                           f"{fmt(runs[-1].tps, '.0f')} tps {runs[-1].error or ''}", file=sys.stderr, flush=True)
+        memory = {}
+        for target in ("pgbouncer", "pgpilot"):
+            host, port, pid = targets[(target, "scram")]
+            for sslmode in ("disable", "require"):
+                memory[(target, sslmode)] = rss_per_client(host, port, pid, sslmode, args.idle_clients)
+                print(f"idle clients: {target} sslmode={sslmode}: {memory[(target, sslmode)]:.1f} KiB each",
+                      file=sys.stderr, flush=True)
     finally:
         for s in started:
             s.destroy() if isinstance(s, PgBouncer) else s.stop()
@@ -198,12 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:18} {fmt(row['pgbouncer_tps'], '13.0f')} {fmt(row['pgpilot_tps'], '11.0f')} "
               f"{fmt(row['ratio'], '6.2f')} {fmt(row['pgbouncer_cpu_us_per_tx'], '9.0f')} "
               f"{fmt(row['pgpilot_cpu_us_per_tx'], '13.0f')}")
+    print(f"\n{'idle client memory':18} {'PgBouncer KiB':>13} {'pgpilot KiB':>11}")
+    for sslmode, label in (("disable", "plaintext"), ("require", "tls")):
+        print(f"{label:18} {memory[('pgbouncer', sslmode)]:13.1f} {memory[('pgpilot', sslmode)]:11.1f}")
     errors = [r for r in runs if r.error]
     for e in errors[:5]:
         print(f"failed: round {e.round + 1} {e.scenario} {e.target}: {e.error}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": [asdict(r) for r in runs],
-                                               "summary": summary}, indent=2))
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args), "runs": [asdict(r) for r in runs], "summary": summary,
+            "idle_client_kib": {f"{t}/{m}": v for (t, m), v in memory.items()}}, indent=2))
     return 1 if errors else 0
 
 

@@ -348,7 +348,7 @@ class LoginThrottle:
 # ================================================================================================ exchanges
 
 class ClientAuth:
-    """Decides whether a starting client may in, and runs the password exchange with it."""
+    """Decides whether a starting client may come in, and runs the password exchange with it."""
 
     def __init__(self, config: "Config"):
         self.cfg = config.auth
