@@ -9,31 +9,25 @@ import pytest
 POOL_SIZE = 4
 
 
-@pytest.fixture
-def proxy(fresh_db, proxy_factory):
-    return proxy_factory(dbname=fresh_db, pool_size=POOL_SIZE, timeouts={"query_wait": 10})
-
-
-@pytest.fixture
-def items(pg, fresh_db):
-    pg.psql("CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL)", dbname=fresh_db)
-    return "items"
+@pytest.fixture(scope="module")
+def proxy(module_db, module_proxy_factory):
+    return module_proxy_factory(module_db, pool_size=POOL_SIZE, timeouts={"query_wait": 10})
 
 
 async def aconnect(proxy, dbname: str) -> asyncpg.Connection:
     return await asyncpg.connect(host=proxy.host, port=proxy.port, user="postgres", database=dbname, timeout=10)
 
 
-def test_asyncpg_prepared_statement_is_reused_across_backends(proxy, fresh_db):
+def test_asyncpg_prepared_statement_is_reused_across_backends(proxy, module_db):
     async def scenario():
-        conn = await aconnect(proxy, fresh_db)
+        conn = await aconnect(proxy, module_db)
         stmt = await conn.prepare("SELECT $1::int * 3, pg_backend_pid()")
         first_value, first_pid = await stmt.fetchrow(1)
         holders = []
         values, pids = [], []
         try:
             # Keep the first backend busy so the statement must run on another one.
-            holder = await aconnect(proxy, fresh_db)
+            holder = await aconnect(proxy, module_db)
             holders.append(holder)
             while True:
                 tx = holder.transaction()
@@ -41,7 +35,7 @@ def test_asyncpg_prepared_statement_is_reused_across_backends(proxy, fresh_db):
                 if await holder.fetchval("SELECT pg_backend_pid()") == first_pid:
                     break
                 await tx.rollback()
-                holder = await aconnect(proxy, fresh_db)
+                holder = await aconnect(proxy, module_db)
                 holders.append(holder)
                 assert len(holders) <= POOL_SIZE, "the first backend was never handed to another client"
             for i in range(20):
@@ -61,9 +55,9 @@ def test_asyncpg_prepared_statement_is_reused_across_backends(proxy, fresh_db):
     assert first_pid not in pids
 
 
-def test_asyncpg_cursor_iterates_inside_a_transaction(proxy, fresh_db):
+def test_asyncpg_cursor_iterates_inside_a_transaction(proxy, module_db):
     async def scenario():
-        conn = await aconnect(proxy, fresh_db)
+        conn = await aconnect(proxy, module_db)
         try:
             async with conn.transaction():
                 numbers = [r[0] async for r in conn.cursor("SELECT generate_series(1, 10000)", prefetch=700)]
@@ -80,9 +74,9 @@ def test_asyncpg_cursor_iterates_inside_a_transaction(proxy, fresh_db):
     assert chunk == [11, 12, 13, 14, 15]
 
 
-def test_asyncpg_copy_records_to_table_loads_every_record(proxy, fresh_db, items):
+def test_asyncpg_copy_records_to_table_loads_every_record(proxy, module_db, items):
     async def scenario():
-        conn = await aconnect(proxy, fresh_db)
+        conn = await aconnect(proxy, module_db)
         try:
             result = await conn.copy_records_to_table("items", records=[(i, f"r{i}") for i in range(20_000)])
             rows = await conn.fetch("SELECT id, label FROM items ORDER BY id")
@@ -96,9 +90,9 @@ def test_asyncpg_copy_records_to_table_loads_every_record(proxy, fresh_db, items
     assert rows == [(i, f"r{i}") for i in range(20_000)]
 
 
-def test_asyncpg_transactions_commit_roll_back_and_use_savepoints(proxy, fresh_db, items):
+def test_asyncpg_transactions_commit_roll_back_and_use_savepoints(proxy, module_db, items):
     async def scenario():
-        conn = await aconnect(proxy, fresh_db)
+        conn = await aconnect(proxy, module_db)
         try:
             async with conn.transaction():
                 await conn.execute("INSERT INTO items VALUES (1, 'outer')")
@@ -117,7 +111,7 @@ def test_asyncpg_transactions_commit_roll_back_and_use_savepoints(proxy, fresh_d
     assert asyncio.run(scenario()) == [(1, "outer")]
 
 
-def test_asyncpg_pool_of_20_over_a_proxy_pool_of_4_runs_every_transaction(proxy, fresh_db, items):
+def test_asyncpg_pool_of_20_over_a_proxy_pool_of_4_runs_every_transaction(proxy, module_db, items):
     tasks = 400
 
     async def one(pool, i):
@@ -127,7 +121,7 @@ def test_asyncpg_pool_of_20_over_a_proxy_pool_of_4_runs_every_transaction(proxy,
                 return await conn.fetchval("SELECT label FROM items WHERE id = $1", i)
 
     async def scenario():
-        async with asyncpg.create_pool(host=proxy.host, port=proxy.port, user="postgres", database=fresh_db,
+        async with asyncpg.create_pool(host=proxy.host, port=proxy.port, user="postgres", database=module_db,
                                        min_size=20, max_size=20) as pool:
             labels = await asyncio.gather(*(one(pool, i) for i in range(tasks)))
             count = await pool.fetchval("SELECT count(*) FROM items")
@@ -139,9 +133,9 @@ def test_asyncpg_pool_of_20_over_a_proxy_pool_of_4_runs_every_transaction(proxy,
     assert count == tasks
 
 
-def test_asyncpg_query_timeout_cancels_the_query_and_the_connection_stays_usable(proxy, fresh_db):
+def test_asyncpg_query_timeout_cancels_the_query_and_the_connection_stays_usable(proxy, module_db):
     async def scenario():
-        conn = await aconnect(proxy, fresh_db)
+        conn = await aconnect(proxy, module_db)
         try:
             with pytest.raises(asyncio.TimeoutError):
                 await conn.fetchval("SELECT pg_sleep(10)", timeout=0.5)
@@ -152,11 +146,11 @@ def test_asyncpg_query_timeout_cancels_the_query_and_the_connection_stays_usable
     assert asyncio.run(scenario()) == "usable"
 
 
-def test_asyncpg_without_statement_cache_gets_right_answers_under_contention(proxy, fresh_db):
+def test_asyncpg_without_statement_cache_gets_right_answers_under_contention(proxy, module_db):
     # statement_cache_size=0 is how asyncpg is usually set up behind PgBouncer: unnamed statements,
     # described in one round trip and executed in the next.
     async def client(n):
-        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user="postgres", database=fresh_db,
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user="postgres", database=module_db,
                                      statement_cache_size=0, timeout=10)
         try:
             return [await conn.fetchval(f"SELECT $1::int * {n}", i) for i in range(50)]

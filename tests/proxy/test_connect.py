@@ -11,13 +11,13 @@ from tests.support.wire import (GSSENC_REQUEST_CODE, SSL_REQUEST_CODE, RawConnec
                                 special_request, startup_packet)
 
 
-@pytest.fixture
-def proxy(fresh_db, proxy_factory):
-    return proxy_factory(dbname=fresh_db, pool_size=2)
+@pytest.fixture(scope="module")
+def proxy(module_db, module_proxy_factory):
+    return module_proxy_factory(module_db, pool_size=2)
 
 
-def test_any_client_user_name_is_accepted_and_runs_as_the_configured_user(proxy, fresh_db):
-    with psycopg.connect(proxy.dsn(fresh_db, user="reporting_app"), autocommit=True) as conn:
+def test_any_client_user_name_is_accepted_and_runs_as_the_configured_user(proxy, module_db):
+    with psycopg.connect(proxy.dsn(module_db, user="reporting_app"), autocommit=True) as conn:
         user = conn.execute("SELECT current_user").fetchone()[0]
 
     assert user == "postgres"
@@ -35,11 +35,11 @@ def test_unknown_database_is_refused_with_3D000(proxy):
 
 
 @pytest.mark.parametrize("code", [SSL_REQUEST_CODE, GSSENC_REQUEST_CODE], ids=["SSLRequest", "GSSENCRequest"])
-def test_encryption_request_is_declined_with_N_and_startup_continues(proxy, fresh_db, code):
+def test_encryption_request_is_declined_with_N_and_startup_continues(proxy, module_db, code):
     with RawConnection(proxy.host, proxy.port) as conn:
         conn.send(special_request(code))
         answer = conn.read_byte()
-        conn.start("app", fresh_db)
+        conn.start("app", module_db)
         conn.send(query("SELECT 'plain text'"))
         messages = conn.read_until_ready()
 
@@ -47,8 +47,8 @@ def test_encryption_request_is_declined_with_N_and_startup_continues(proxy, fres
     assert any(kind == b"D" and b"plain text" in body for kind, body in messages)
 
 
-def test_libpq_with_sslmode_prefer_falls_back_to_plain_text(proxy, fresh_db):
-    with psycopg.connect(proxy.dsn(fresh_db, sslmode="prefer"), autocommit=True) as conn:
+def test_libpq_with_sslmode_prefer_falls_back_to_plain_text(proxy, module_db):
+    with psycopg.connect(proxy.dsn(module_db, sslmode="prefer"), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone()[0] == 1
         assert conn.pgconn.ssl_in_use is False
 

@@ -23,11 +23,16 @@ def bench_db(pg):
     pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", check=False)
 
 
+@pytest.fixture(scope="module")
+def proxy(bench_db, module_proxy_factory):
+    return module_proxy_factory(bench_db, pool_size=4, timeouts={"query_wait": 10})
+
+
 def pgbench(proxy, dbname: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["pgbench", "-n", "-c", str(CLIENTS), "-j", "2", "-t", str(TRANSACTIONS),
          "-h", proxy.host, "-p", str(proxy.port), "-U", "postgres", *args, dbname],
-        capture_output=True, text=True, timeout=180)
+        capture_output=True, text=True, timeout=120)
 
 
 def processed(out: subprocess.CompletedProcess) -> int:
@@ -50,8 +55,7 @@ def books(pg, dbname: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_pgbench_tpcb_through_transaction_pool_balances_the_books(protocol, bench_db, pg, proxy_factory):
-    proxy = proxy_factory(dbname=bench_db, pool_size=4)
+def test_pgbench_tpcb_through_transaction_pool_balances_the_books(protocol, bench_db, pg, proxy):
     before = books(pg, bench_db)
 
     out = pgbench(proxy, bench_db, "-M", protocol)
@@ -65,8 +69,7 @@ def test_pgbench_tpcb_through_transaction_pool_balances_the_books(protocol, benc
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_pgbench_select_only_through_transaction_pool_completes(protocol, bench_db, pg, proxy_factory):
-    proxy = proxy_factory(dbname=bench_db, pool_size=4)
+def test_pgbench_select_only_through_transaction_pool_completes(protocol, bench_db, pg, proxy):
     before = books(pg, bench_db)
 
     out = pgbench(proxy, bench_db, "-S", "-M", protocol)

@@ -12,9 +12,9 @@ from tests.proxy.helpers import backend_pid, connect
 POOL_SIZE = 3  # the pinned client, a neighbour holding a backend, and a free one for a third client
 
 
-@pytest.fixture
-def proxy(fresh_db, proxy_factory):
-    return proxy_factory(dbname=fresh_db, pool_size=POOL_SIZE, timeouts={"query_wait": 3})
+@pytest.fixture(scope="module")
+def proxy(module_db, module_proxy_factory):
+    return module_proxy_factory(module_db, pool_size=POOL_SIZE, timeouts={"query_wait": 3})
 
 
 @contextlib.contextmanager
@@ -26,13 +26,13 @@ def neighbour_in_transaction(proxy, dbname: str, pinned_pid: int):
         neighbour.rollback()
 
 
-def test_listen_receives_notifications_sent_by_another_client(proxy, fresh_db):
-    with connect(proxy, fresh_db) as listener, connect(proxy, fresh_db) as sender:
+def test_listen_receives_notifications_sent_by_another_client(proxy, module_db):
+    with connect(proxy, module_db) as listener, connect(proxy, module_db) as sender:
         listener.execute("LISTEN jobs")
         pid = backend_pid(listener)
         payloads = []
         for i in range(3):
-            with neighbour_in_transaction(proxy, fresh_db, pid):
+            with neighbour_in_transaction(proxy, module_db, pid):
                 sender.execute("SELECT pg_notify('jobs', %s)", [f"job {i}"])
                 payloads += [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
                 assert backend_pid(listener) == pid
@@ -40,12 +40,12 @@ def test_listen_receives_notifications_sent_by_another_client(proxy, fresh_db):
     assert payloads == ["job 0", "job 1", "job 2"]
 
 
-def test_temp_table_is_usable_across_transactions(proxy, fresh_db):
-    with connect(proxy, fresh_db) as client:
+def test_temp_table_is_usable_across_transactions(proxy, module_db):
+    with connect(proxy, module_db) as client:
         client.execute("CREATE TEMP TABLE scratch (n int)")
         pid = backend_pid(client)
         for i in range(3):
-            with neighbour_in_transaction(proxy, fresh_db, pid):
+            with neighbour_in_transaction(proxy, module_db, pid):
                 with client.transaction():
                     client.execute("INSERT INTO scratch VALUES (%s)", [i])
                 assert backend_pid(client) == pid
@@ -54,12 +54,12 @@ def test_temp_table_is_usable_across_transactions(proxy, fresh_db):
     assert total == 3
 
 
-def test_session_advisory_lock_is_held_until_unlocked(proxy, fresh_db):
-    with connect(proxy, fresh_db) as owner, connect(proxy, fresh_db) as rival:
+def test_session_advisory_lock_is_held_until_unlocked(proxy, module_db):
+    with connect(proxy, module_db) as owner, connect(proxy, module_db) as rival:
         assert owner.execute("SELECT pg_advisory_lock(42)").fetchone()[0] == ""
         pid = backend_pid(owner)
         for _ in range(3):
-            with neighbour_in_transaction(proxy, fresh_db, pid):
+            with neighbour_in_transaction(proxy, module_db, pid):
                 rival_got_it = rival.execute("SELECT pg_try_advisory_lock(42)").fetchone()[0]
                 assert not rival_got_it, "another client took a lock that is still held"
         released = owner.execute("SELECT pg_advisory_unlock(42)").fetchone()[0]
@@ -70,46 +70,46 @@ def test_session_advisory_lock_is_held_until_unlocked(proxy, fresh_db):
     assert rival_after is True
 
 
-def test_with_hold_cursor_fetches_across_transactions(proxy, fresh_db):
-    with connect(proxy, fresh_db) as client:
+def test_with_hold_cursor_fetches_across_transactions(proxy, module_db):
+    with connect(proxy, module_db) as client:
         client.execute("DECLARE numbers CURSOR WITH HOLD FOR SELECT generate_series(1, 9)")
         pid = backend_pid(client)
         batches = []
         for _ in range(3):
-            with neighbour_in_transaction(proxy, fresh_db, pid):
+            with neighbour_in_transaction(proxy, module_db, pid):
                 batches.append([r[0] for r in client.execute("FETCH 3 FROM numbers")])
         client.execute("CLOSE numbers")
 
     assert batches == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
 
-def test_sql_prepare_is_executable_across_transactions(proxy, fresh_db):
-    with connect(proxy, fresh_db) as client:
+def test_sql_prepare_is_executable_across_transactions(proxy, module_db):
+    with connect(proxy, module_db) as client:
         client.execute("PREPARE double_it (int) AS SELECT $1 * 2")
         pid = backend_pid(client)
         results = []
         for i in range(3):
-            with neighbour_in_transaction(proxy, fresh_db, pid):
+            with neighbour_in_transaction(proxy, module_db, pid):
                 results.append(client.execute(f"EXECUTE double_it({i})").fetchone()[0])
         client.execute("DEALLOCATE double_it")
 
     assert results == [0, 2, 4]
 
 
-def test_pinned_backend_is_clean_for_the_next_client(proxy, fresh_db, pg):
-    with connect(proxy, fresh_db) as client:
+def test_pinned_backend_is_clean_for_the_next_client(proxy, module_db, pg):
+    with connect(proxy, module_db) as client:
         client.execute("LISTEN jobs")
         client.execute("CREATE TEMP TABLE scratch (n int)")
         client.execute("SELECT pg_advisory_lock(7)")
         client.execute("PREPARE leftover AS SELECT 1")
-    with connect(proxy, fresh_db) as newcomer:
+    with connect(proxy, module_db) as newcomer:
         for _ in range(POOL_SIZE):  # whichever backend it lands on
             with newcomer.transaction():
                 channels = newcomer.execute("SELECT count(*) FROM pg_listening_channels()").fetchone()[0]
                 statements = newcomer.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
                 temp = newcomer.execute("SELECT to_regclass('pg_temp.scratch') IS NOT NULL").fetchone()[0]
                 assert (channels, statements, temp) == (0, 0, False)
-    assert advisory_locks_drain(pg, fresh_db) == 0
+    assert advisory_locks_drain(pg, module_db) == 0
 
 
 def advisory_locks_drain(pg, dbname: str, timeout: float = 5) -> int:

@@ -16,9 +16,9 @@ def psql(proxy, dbname: str, *args: str, input: str | None = None, timeout: floa
         input=input, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def proxy(fresh_db, proxy_factory):
-    return proxy_factory(dbname=fresh_db, pool_size=4)
+@pytest.fixture(scope="module")
+def proxy(module_db, module_proxy_factory):
+    return module_proxy_factory(module_db, pool_size=4)
 
 
 def write_rows(path, rows: int = ROWS, bad_row: int | None = None) -> None:
@@ -27,11 +27,11 @@ def write_rows(path, rows: int = ROWS, bad_row: int | None = None) -> None:
             f.write(f"{'x' if i == bad_row else i}\trow {i}\n")
 
 
-def test_psql_describe_lists_tables_and_their_columns(proxy, fresh_db, pg):
-    pg.psql("CREATE TABLE widgets (id int PRIMARY KEY, name text NOT NULL)", dbname=fresh_db)
+def test_psql_describe_lists_tables_and_their_columns(proxy, module_db, pg):
+    pg.psql("CREATE TABLE widgets (id int PRIMARY KEY, name text NOT NULL)", dbname=module_db)
 
-    listing = psql(proxy, fresh_db, "-c", r"\d")
-    detail = psql(proxy, fresh_db, "-P", "tuples_only=off", "-c", r"\d widgets")
+    listing = psql(proxy, module_db, "-c", r"\d")
+    detail = psql(proxy, module_db, "-P", "tuples_only=off", "-c", r"\d widgets")
 
     assert listing.returncode == 0, listing.stderr
     assert "public|widgets|table|postgres" in listing.stdout
@@ -41,25 +41,25 @@ def test_psql_describe_lists_tables_and_their_columns(proxy, fresh_db, pg):
     assert "widgets_pkey" in detail.stdout
 
 
-def test_psql_multi_statement_query_runs_every_statement(proxy, fresh_db):
-    out = psql(proxy, fresh_db, "-c",
-               "CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2), (3); SELECT sum(x) FROM t; SELECT 'done'")
+def test_psql_multi_statement_query_runs_every_statement(proxy, module_db):
+    out = psql(proxy, module_db, "-c",
+               "CREATE TABLE tally (x int); INSERT INTO tally VALUES (1), (2), (3); SELECT sum(x) FROM tally; SELECT 'done'")
 
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["6", "done"]
 
 
-def test_psql_multi_statement_query_with_an_error_commits_nothing(proxy, fresh_db, pg):
-    pg.psql("CREATE TABLE t (x int)", dbname=fresh_db)
+def test_psql_multi_statement_query_with_an_error_commits_nothing(proxy, module_db, pg):
+    pg.psql("CREATE TABLE ledger (x int)", dbname=module_db)
 
-    out = psql(proxy, fresh_db, "-c", "INSERT INTO t VALUES (1); SELECT 1/0; INSERT INTO t VALUES (2)")
+    out = psql(proxy, module_db, "-c", "INSERT INTO ledger VALUES (1); SELECT 1/0; INSERT INTO ledger VALUES (2)")
 
     assert out.returncode != 0
     assert "division by zero" in out.stderr
-    assert pg.psql("SELECT count(*) FROM t", dbname=fresh_db).strip() == "0"
+    assert pg.psql("SELECT count(*) FROM ledger", dbname=module_db).strip() == "0"
 
 
-def test_psql_session_continues_after_errors(proxy, fresh_db):
+def test_psql_session_continues_after_errors(proxy, module_db):
     script = "\n".join([
         "SELECT 1/0;",
         "SELECT 'after error';",
@@ -72,7 +72,7 @@ def test_psql_session_continues_after_errors(proxy, fresh_db):
         "SELECT 'after bad column';",
     ]) + "\n"
 
-    out = psql(proxy, fresh_db, input=script)
+    out = psql(proxy, module_db, input=script)
 
     assert out.stdout.split("\n")[:3] == ["after error", "after rollback", "after bad column"]
     assert out.stderr.count("division by zero") == 2
@@ -80,50 +80,47 @@ def test_psql_session_continues_after_errors(proxy, fresh_db):
     assert "no_such_column" in out.stderr
 
 
-def test_psql_copy_meta_command_round_trips_100k_rows(proxy, fresh_db, pg, tmp_path):
-    pg.psql("CREATE TABLE items (id int, label text)", dbname=fresh_db)
+def test_psql_copy_meta_command_round_trips_100k_rows(proxy, module_db, pg, items, tmp_path):
     source, copied = tmp_path / "in.tsv", tmp_path / "out.tsv"
     write_rows(source)
 
-    load = psql(proxy, fresh_db, "-c", rf"\copy items FROM '{source}'")
-    dump = psql(proxy, fresh_db, "-c", rf"\copy (SELECT * FROM items ORDER BY id) TO '{copied}'")
+    load = psql(proxy, module_db, "-c", rf"\copy items FROM '{source}'")
+    dump = psql(proxy, module_db, "-c", rf"\copy (SELECT * FROM items ORDER BY id) TO '{copied}'")
 
     assert load.returncode == 0, load.stderr
     assert dump.returncode == 0, dump.stderr
     assert copied.read_text() == source.read_text()
-    assert pg.psql("SELECT count(*), sum(id) FROM items", dbname=fresh_db).strip() == f"{ROWS}|{ROWS * (ROWS - 1) // 2}"
+    assert pg.psql("SELECT count(*), sum(id) FROM items", dbname=module_db).strip() == f"{ROWS}|{ROWS * (ROWS - 1) // 2}"
 
 
-def test_psql_copy_from_stdin_and_to_stdout_round_trip_100k_rows(proxy, fresh_db, pg, tmp_path):
-    pg.psql("CREATE TABLE items (id int, label text)", dbname=fresh_db)
+def test_psql_copy_from_stdin_and_to_stdout_round_trip_100k_rows(proxy, module_db, pg, items, tmp_path):
     source = tmp_path / "in.tsv"
     write_rows(source)
 
-    load = psql(proxy, fresh_db, "-c", "COPY items FROM STDIN", input=source.read_text())
-    dump = psql(proxy, fresh_db, "-c", "COPY (SELECT * FROM items ORDER BY id) TO STDOUT")
+    load = psql(proxy, module_db, "-c", "COPY items FROM STDIN", input=source.read_text())
+    dump = psql(proxy, module_db, "-c", "COPY (SELECT * FROM items ORDER BY id) TO STDOUT")
 
     assert load.returncode == 0, load.stderr
-    assert pg.psql("SELECT count(*) FROM items", dbname=fresh_db).strip() == str(ROWS)
+    assert pg.psql("SELECT count(*) FROM items", dbname=module_db).strip() == str(ROWS)
     assert dump.returncode == 0, dump.stderr
     assert dump.stdout == source.read_text()
 
 
-def test_psql_failed_copy_loads_nothing_and_session_continues(proxy, fresh_db, pg, tmp_path):
-    pg.psql("CREATE TABLE items (id int, label text)", dbname=fresh_db)
+def test_psql_failed_copy_loads_nothing_and_session_continues(proxy, module_db, pg, items, tmp_path):
     source = tmp_path / "in.tsv"
     write_rows(source, bad_row=ROWS // 2)
 
-    out = psql(proxy, fresh_db, input=f"\\copy items FROM '{source}'\nSELECT 'still connected';\n")
+    out = psql(proxy, module_db, input=f"\\copy items FROM '{source}'\nSELECT 'still connected';\n")
 
     assert "invalid input syntax for type integer" in out.stderr
     assert out.stdout.strip() == "still connected"
-    assert pg.psql("SELECT count(*) FROM items", dbname=fresh_db).strip() == "0"
+    assert pg.psql("SELECT count(*) FROM items", dbname=module_db).strip() == "0"
 
 
-def test_psql_watch_repeats_a_query_until_interrupted(proxy, fresh_db):
+def test_psql_watch_repeats_a_query_until_interrupted(proxy, module_db):
     repeats = 20
     proc = subprocess.Popen(
-        ["psql", "-X", "-q", "-At", "-h", proxy.host, "-p", str(proxy.port), "-U", "postgres", "-d", fresh_db],
+        ["psql", "-X", "-q", "-At", "-h", proxy.host, "-p", str(proxy.port), "-U", "postgres", "-d", module_db],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         proc.stdin.write("SELECT 41 + 1 \\watch 0.05\nSELECT 'after watch';\n")
@@ -150,10 +147,10 @@ def test_psql_watch_repeats_a_query_until_interrupted(proxy, fresh_db):
         assert proc.returncode == 3 and "Cancel request sent" in err, (proc.returncode, err)
 
 
-def test_psql_runs_the_same_query_many_times_in_one_session(proxy, fresh_db):
+def test_psql_runs_the_same_query_many_times_in_one_session(proxy, module_db):
     script = "".join(f"SELECT {i} * 2;\n" for i in range(500))
 
-    out = psql(proxy, fresh_db, "-v", "ON_ERROR_STOP=1", input=script)
+    out = psql(proxy, module_db, "-v", "ON_ERROR_STOP=1", input=script)
 
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(i * 2) for i in range(500)]

@@ -13,21 +13,15 @@ from tests.proxy.helpers import connect, holding_backend
 POOL_SIZE = 2
 
 
-@pytest.fixture
-def proxy(fresh_db, proxy_factory):
-    return proxy_factory(dbname=fresh_db, pool_size=POOL_SIZE, timeouts={"query_wait": 5})
+@pytest.fixture(scope="module")
+def proxy(module_db, module_proxy_factory):
+    return module_proxy_factory(module_db, pool_size=POOL_SIZE, timeouts={"query_wait": 5})
 
 
-@pytest.fixture
-def items(pg, fresh_db):
-    pg.psql("CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL)", dbname=fresh_db)
-    return "items"
-
-
-def test_psycopg_prepared_statements_are_re_prepared_on_another_backend(proxy, fresh_db):
-    with connect(proxy, fresh_db, prepare_threshold=0) as conn:
+def test_psycopg_prepared_statements_are_re_prepared_on_another_backend(proxy, module_db):
+    with connect(proxy, module_db, prepare_threshold=0) as conn:
         first = conn.execute("SELECT %s::int * 2, pg_backend_pid()", [21]).fetchone()
-        with holding_backend(proxy, fresh_db, first[1], POOL_SIZE) as holder:
+        with holding_backend(proxy, module_db, first[1], POOL_SIZE) as holder:
             assert holder is not None, "the released backend was never handed to another client"
             again = conn.execute("SELECT %s::int * 2, pg_backend_pid()", [50]).fetchone()
             other = conn.execute("SELECT %s::text || '!', pg_backend_pid()", ["hi"]).fetchone()
@@ -39,9 +33,9 @@ def test_psycopg_prepared_statements_are_re_prepared_on_another_backend(proxy, f
     assert after == [i * 2 for i in range(20)]
 
 
-def test_psycopg_prepared_statements_of_two_clients_do_not_collide(proxy, fresh_db):
+def test_psycopg_prepared_statements_of_two_clients_do_not_collide(proxy, module_db):
     # Both clients name their first prepared statement _pg3_0, with different texts.
-    with connect(proxy, fresh_db, prepare_threshold=0) as a, connect(proxy, fresh_db, prepare_threshold=0) as b:
+    with connect(proxy, module_db, prepare_threshold=0) as a, connect(proxy, module_db, prepare_threshold=0) as b:
         results = []
         for i in range(30):
             results.append(a.execute("SELECT %s::int + 1000", [i]).fetchone()[0])
@@ -50,8 +44,8 @@ def test_psycopg_prepared_statements_of_two_clients_do_not_collide(proxy, fresh_
     assert results == [x for i in range(30) for x in (i + 1000, f"b-{i}")]
 
 
-def test_psycopg_pipeline_returns_every_result_in_order(proxy, fresh_db, items):
-    with connect(proxy, fresh_db, prepare_threshold=0) as conn:
+def test_psycopg_pipeline_returns_every_result_in_order(proxy, module_db, items):
+    with connect(proxy, module_db, prepare_threshold=0) as conn:
         with conn.pipeline():
             for i in range(100):
                 conn.execute("INSERT INTO items VALUES (%s, %s)", [i, f"item {i}"])
@@ -61,8 +55,8 @@ def test_psycopg_pipeline_returns_every_result_in_order(proxy, fresh_db, items):
     assert labels == [f"item {i}" for i in range(100)]
 
 
-def test_psycopg_pipeline_error_aborts_its_batch_and_the_connection_recovers(proxy, fresh_db, items):
-    with connect(proxy, fresh_db) as conn:
+def test_psycopg_pipeline_error_aborts_its_batch_and_the_connection_recovers(proxy, module_db, items):
+    with connect(proxy, module_db) as conn:
         with pytest.raises(psycopg.errors.UniqueViolation):
             with conn.pipeline(), conn.transaction():
                 conn.execute("INSERT INTO items VALUES (1, 'one')")
@@ -73,9 +67,9 @@ def test_psycopg_pipeline_error_aborts_its_batch_and_the_connection_recovers(pro
     assert count == 0
 
 
-def test_psycopg_copy_round_trips_rows(proxy, fresh_db, items):
+def test_psycopg_copy_round_trips_rows(proxy, module_db, items):
     rows = [(i, f"label {i}\twith tab") for i in range(20_000)]
-    with connect(proxy, fresh_db) as conn:
+    with connect(proxy, module_db) as conn:
         with conn.cursor() as cur:
             with cur.copy("COPY items (id, label) FROM STDIN") as copy:
                 for row in rows:
@@ -86,8 +80,8 @@ def test_psycopg_copy_round_trips_rows(proxy, fresh_db, items):
     assert copied == rows
 
 
-def test_psycopg_copy_aborted_by_the_client_loads_nothing(proxy, fresh_db, items):
-    with connect(proxy, fresh_db) as conn:
+def test_psycopg_copy_aborted_by_the_client_loads_nothing(proxy, module_db, items):
+    with connect(proxy, module_db) as conn:
         with pytest.raises(RuntimeError):  # psycopg sends CopyFail and re-raises
             with conn.cursor() as cur, cur.copy("COPY items (id, label) FROM STDIN") as copy:
                 for i in range(1000):
@@ -98,13 +92,13 @@ def test_psycopg_copy_aborted_by_the_client_loads_nothing(proxy, fresh_db, items
     assert count == 0
 
 
-def test_psycopg_named_cursor_streams_rows_inside_a_transaction(proxy, fresh_db):
+def test_psycopg_named_cursor_streams_rows_inside_a_transaction(proxy, module_db):
     stop = threading.Event()
     errors: list[Exception] = []
 
     def neighbour():
         try:
-            with connect(proxy, fresh_db) as other:
+            with connect(proxy, module_db) as other:
                 while not stop.is_set():
                     other.execute("SELECT 1")
         except Exception as e:  # noqa: BLE001 - reported by the assertion below
@@ -114,7 +108,7 @@ def test_psycopg_named_cursor_streams_rows_inside_a_transaction(proxy, fresh_db)
     for t in threads:
         t.start()
     try:
-        with connect(proxy, fresh_db, autocommit=False) as conn:
+        with connect(proxy, module_db, autocommit=False) as conn:
             with conn.cursor(name="numbers") as cur:
                 cur.itersize = 500
                 cur.execute("SELECT n, pg_backend_pid() FROM generate_series(1, 20000) AS n")
@@ -130,8 +124,8 @@ def test_psycopg_named_cursor_streams_rows_inside_a_transaction(proxy, fresh_db)
     assert errors == []
 
 
-def test_psycopg_executemany_inserts_every_row(proxy, fresh_db, items):
-    with connect(proxy, fresh_db) as conn:
+def test_psycopg_executemany_inserts_every_row(proxy, module_db, items):
+    with connect(proxy, module_db) as conn:
         with conn.cursor() as cur:
             cur.executemany("INSERT INTO items VALUES (%s, %s)", [(i, f"item {i}") for i in range(2000)])
         count, total = conn.execute("SELECT count(*), sum(id) FROM items").fetchone()
@@ -139,8 +133,8 @@ def test_psycopg_executemany_inserts_every_row(proxy, fresh_db, items):
     assert (count, total) == (2000, sum(range(2000)))
 
 
-def test_psycopg_rolled_back_transaction_leaves_no_rows(proxy, fresh_db, items):
-    with connect(proxy, fresh_db, autocommit=False) as conn:
+def test_psycopg_rolled_back_transaction_leaves_no_rows(proxy, module_db, items):
+    with connect(proxy, module_db, autocommit=False) as conn:
         conn.execute("INSERT INTO items VALUES (1, 'one')")
         conn.rollback()
         conn.execute("INSERT INTO items VALUES (2, 'two')")
@@ -154,8 +148,8 @@ def psycopg2_connect(proxy, dbname):
     return psycopg2.connect(host=proxy.host, port=proxy.port, user="postgres", dbname=dbname, connect_timeout=10)
 
 
-def test_psycopg2_commits_and_rolls_back(proxy, fresh_db, items):
-    conn = psycopg2_connect(proxy, fresh_db)
+def test_psycopg2_commits_and_rolls_back(proxy, module_db, items):
+    conn = psycopg2_connect(proxy, module_db)
     try:
         with conn.cursor() as cur:
             cur.execute("INSERT INTO items VALUES (%s, %s)", (1, "kept"))
@@ -170,8 +164,8 @@ def test_psycopg2_commits_and_rolls_back(proxy, fresh_db, items):
     assert rows == [(1, "kept")]
 
 
-def test_psycopg2_error_then_query_on_same_connection(proxy, fresh_db):
-    conn = psycopg2_connect(proxy, fresh_db)
+def test_psycopg2_error_then_query_on_same_connection(proxy, module_db):
+    conn = psycopg2_connect(proxy, module_db)
     try:
         with conn.cursor() as cur:
             with pytest.raises(psycopg2.errors.DivisionByZero):
@@ -185,8 +179,8 @@ def test_psycopg2_error_then_query_on_same_connection(proxy, fresh_db):
     assert value == "still here"
 
 
-def test_psycopg2_named_cursor_fetches_in_batches(proxy, fresh_db):
-    conn = psycopg2_connect(proxy, fresh_db)
+def test_psycopg2_named_cursor_fetches_in_batches(proxy, module_db):
+    conn = psycopg2_connect(proxy, module_db)
     try:
         with conn.cursor(name="numbers") as cur:
             cur.itersize = 1000
@@ -199,10 +193,10 @@ def test_psycopg2_named_cursor_fetches_in_batches(proxy, fresh_db):
     assert numbers == list(range(1, 10001))
 
 
-def test_psycopg2_copy_expert_and_execute_values_round_trip(proxy, fresh_db, items, tmp_path):
+def test_psycopg2_copy_expert_and_execute_values_round_trip(proxy, module_db, items, tmp_path):
     import io
 
-    conn = psycopg2_connect(proxy, fresh_db)
+    conn = psycopg2_connect(proxy, module_db)
     try:
         with conn.cursor() as cur:
             psycopg2.extras.execute_values(cur, "INSERT INTO items VALUES %s",

@@ -9,14 +9,14 @@ from tests.proxy.helpers import backend_pid, connect, holding_backend
 POOL_SIZE = 2
 
 
-@pytest.fixture
-def proxy(fresh_db, proxy_factory):
-    return proxy_factory(dbname=fresh_db, pool_size=POOL_SIZE, timeouts={"query_wait": 3})
+@pytest.fixture(scope="module")
+def proxy(module_db, module_proxy_factory):
+    return module_proxy_factory(module_db, pool_size=POOL_SIZE, timeouts={"query_wait": 3})
 
 
 @pytest.fixture
-def defaults(pg, fresh_db) -> dict[str, str]:
-    with psycopg.connect(pg.dsn_for(fresh_db)) as direct:
+def defaults(pg, module_db) -> dict[str, str]:
+    with psycopg.connect(pg.dsn_for(module_db)) as direct:
         return {name: direct.execute(f"SHOW {name}").fetchone()[0] for name in ("search_path", "TimeZone")}
 
 
@@ -24,12 +24,12 @@ def show(conn: psycopg.Connection, name: str) -> str:
     return conn.execute(f"SHOW {name}").fetchone()[0]
 
 
-def test_set_search_path_follows_the_client_to_another_backend(proxy, fresh_db, pg):
-    pg.psql("CREATE SCHEMA app; CREATE TABLE app.marker AS SELECT 'app schema' AS v", dbname=fresh_db)
-    with connect(proxy, fresh_db) as client:
+def test_set_search_path_follows_the_client_to_another_backend(proxy, module_db, pg):
+    pg.psql("CREATE SCHEMA app; CREATE TABLE app.marker AS SELECT 'app schema' AS v", dbname=module_db)
+    with connect(proxy, module_db) as client:
         client.execute("SET search_path TO app, public")
         pid = backend_pid(client)
-        with holding_backend(proxy, fresh_db, pid, POOL_SIZE) as holder:
+        with holding_backend(proxy, module_db, pid, POOL_SIZE) as holder:
             assert holder is not None, "the client's backend was never handed to another client"
             new_pid = backend_pid(client)
             path = show(client, "search_path")
@@ -40,11 +40,11 @@ def test_set_search_path_follows_the_client_to_another_backend(proxy, fresh_db, 
     assert marker == "app schema"
 
 
-def test_set_timezone_follows_the_client_to_another_backend(proxy, fresh_db):
-    with connect(proxy, fresh_db) as client:
+def test_set_timezone_follows_the_client_to_another_backend(proxy, module_db):
+    with connect(proxy, module_db) as client:
         client.execute("SET TimeZone TO 'Asia/Tokyo'")
         pid = backend_pid(client)
-        with holding_backend(proxy, fresh_db, pid, POOL_SIZE) as holder:
+        with holding_backend(proxy, module_db, pid, POOL_SIZE) as holder:
             assert holder is not None, "the client's backend was never handed to another client"
             new_pid = backend_pid(client)
             zone = show(client, "TimeZone")
@@ -55,52 +55,52 @@ def test_set_timezone_follows_the_client_to_another_backend(proxy, fresh_db):
     assert rendered == "2020-01-01 09:00:00+09"
 
 
-def test_session_settings_do_not_leak_to_the_client_that_reuses_the_backend(proxy, fresh_db, defaults):
-    with connect(proxy, fresh_db) as client:
+def test_session_settings_do_not_leak_to_the_client_that_reuses_the_backend(proxy, module_db, defaults):
+    with connect(proxy, module_db) as client:
         client.execute("SET search_path TO pg_catalog")
         client.execute("SET TimeZone TO 'America/Lima'")
         pid = backend_pid(client)
-        with holding_backend(proxy, fresh_db, pid, POOL_SIZE) as holder:
+        with holding_backend(proxy, module_db, pid, POOL_SIZE) as holder:
             assert holder is not None, "the client's backend was never handed to another client"
             seen = {name: show(holder, name) for name in defaults}
 
     assert seen == defaults
 
 
-def test_session_settings_do_not_leak_to_a_new_client(proxy, fresh_db, defaults):
-    with connect(proxy, fresh_db) as client:
+def test_session_settings_do_not_leak_to_a_new_client(proxy, module_db, defaults):
+    with connect(proxy, module_db) as client:
         client.execute("SET search_path TO pg_catalog")
         client.execute("SET TimeZone TO 'America/Lima'")
-        with connect(proxy, fresh_db) as newcomer:
+        with connect(proxy, module_db) as newcomer:
             during = {name: show(newcomer, name) for name in defaults}
-    with connect(proxy, fresh_db) as newcomer:
+    with connect(proxy, module_db) as newcomer:
         after = {name: show(newcomer, name) for name in defaults}
 
     assert during == defaults
     assert after == defaults
 
 
-def test_reset_brings_back_the_default_on_the_next_backend(proxy, fresh_db, defaults):
-    with connect(proxy, fresh_db) as client:
+def test_reset_brings_back_the_default_on_the_next_backend(proxy, module_db, defaults):
+    with connect(proxy, module_db) as client:
         client.execute("SET TimeZone TO 'Asia/Tokyo'")
         client.execute("SET search_path TO pg_catalog")
         client.execute("RESET TimeZone")
         client.execute("RESET search_path")
         pid = backend_pid(client)
-        with holding_backend(proxy, fresh_db, pid, POOL_SIZE) as holder:
+        with holding_backend(proxy, module_db, pid, POOL_SIZE) as holder:
             assert holder is not None, "the client's backend was never handed to another client"
             seen = {name: show(client, name) for name in defaults}
 
     assert seen == defaults
 
 
-def test_set_local_ends_with_its_transaction(proxy, fresh_db, defaults):
-    with connect(proxy, fresh_db) as client:
+def test_set_local_ends_with_its_transaction(proxy, module_db, defaults):
+    with connect(proxy, module_db) as client:
         with client.transaction():
             client.execute("SET LOCAL TimeZone TO 'Asia/Tokyo'")
             inside = show(client, "TimeZone")
         pid = backend_pid(client)
-        with holding_backend(proxy, fresh_db, pid, POOL_SIZE) as holder:
+        with holding_backend(proxy, module_db, pid, POOL_SIZE) as holder:
             assert holder is not None, "the client's backend was never handed to another client"
             after = show(client, "TimeZone")
 
@@ -108,23 +108,23 @@ def test_set_local_ends_with_its_transaction(proxy, fresh_db, defaults):
     assert after == defaults["TimeZone"]
 
 
-def test_set_in_a_rolled_back_transaction_is_undone(proxy, fresh_db, defaults):
-    with connect(proxy, fresh_db) as client:
+def test_set_in_a_rolled_back_transaction_is_undone(proxy, module_db, defaults):
+    with connect(proxy, module_db) as client:
         client.execute("BEGIN")
         client.execute("SET TimeZone TO 'Asia/Tokyo'")
         client.execute("ROLLBACK")
         pid = backend_pid(client)
-        with holding_backend(proxy, fresh_db, pid, POOL_SIZE) as holder:
+        with holding_backend(proxy, module_db, pid, POOL_SIZE) as holder:
             assert holder is not None, "the client's backend was never handed to another client"
             after = show(client, "TimeZone")
 
     assert after == defaults["TimeZone"]
 
 
-def test_startup_application_name_follows_the_client_to_another_backend(proxy, fresh_db):
-    with connect(proxy, fresh_db, application_name="billing-worker") as client:
+def test_startup_application_name_follows_the_client_to_another_backend(proxy, module_db):
+    with connect(proxy, module_db, application_name="billing-worker") as client:
         pid = backend_pid(client)
-        with holding_backend(proxy, fresh_db, pid, POOL_SIZE) as holder:
+        with holding_backend(proxy, module_db, pid, POOL_SIZE) as holder:
             assert holder is not None, "the client's backend was never handed to another client"
             name = show(client, "application_name")
             holder_name = show(holder, "application_name")

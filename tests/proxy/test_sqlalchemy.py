@@ -7,10 +7,10 @@ from sqlalchemy import (Column, ForeignKey, Integer, MetaData, String, Table, cr
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
 
 
-@pytest.fixture
-def engine(fresh_db, proxy_factory):
-    proxy = proxy_factory(dbname=fresh_db, pool_size=2)
-    engine = create_engine(f"postgresql+psycopg://postgres@{proxy.host}:{proxy.port}/{fresh_db}", pool_size=5)
+@pytest.fixture(scope="module")
+def engine(module_db, module_proxy_factory):
+    proxy = module_proxy_factory(module_db, pool_size=2)
+    engine = create_engine(f"postgresql+psycopg://postgres@{proxy.host}:{proxy.port}/{module_db}", pool_size=5)
     yield engine
     engine.dispose()
 

@@ -14,9 +14,9 @@ from tests.support.wire import RawConnection, message, query
 POOL_SIZE = 2
 
 
-@pytest.fixture
-def proxy(fresh_db, proxy_factory):
-    return proxy_factory(dbname=fresh_db, pool_size=POOL_SIZE, timeouts={"query_wait": 5})
+@pytest.fixture(scope="module")
+def proxy(module_db, module_proxy_factory):
+    return module_proxy_factory(module_db, pool_size=POOL_SIZE, timeouts={"query_wait": 5})
 
 
 class Neighbours:
@@ -47,8 +47,8 @@ class Neighbours:
             t.join(30)
 
 
-def test_transaction_keeps_one_backend_until_commit(proxy, fresh_db):
-    with Neighbours(proxy, fresh_db) as neighbours, connect(proxy, fresh_db, autocommit=False) as client:
+def test_transaction_keeps_one_backend_until_commit(proxy, module_db):
+    with Neighbours(proxy, module_db) as neighbours, connect(proxy, module_db, autocommit=False) as client:
         seen = {client.execute("SELECT pg_backend_pid(), txid_current()").fetchone() for _ in range(30)}
         client.commit()
 
@@ -56,9 +56,9 @@ def test_transaction_keeps_one_backend_until_commit(proxy, fresh_db):
     assert neighbours.errors == []
 
 
-def test_failed_transaction_keeps_its_backend_until_rollback(proxy, fresh_db, pg):
-    pg.psql("CREATE TABLE t (x int)", dbname=fresh_db)
-    with Neighbours(proxy, fresh_db) as neighbours, connect(proxy, fresh_db, autocommit=False) as client:
+def test_failed_transaction_keeps_its_backend_until_rollback(proxy, module_db, pg):
+    pg.psql("CREATE TABLE t (x int)", dbname=module_db)
+    with Neighbours(proxy, module_db) as neighbours, connect(proxy, module_db, autocommit=False) as client:
         client.execute("INSERT INTO t VALUES (1)")
         with pytest.raises(psycopg.errors.DivisionByZero):
             client.execute("SELECT 1/0")
@@ -73,24 +73,24 @@ def test_failed_transaction_keeps_its_backend_until_rollback(proxy, fresh_db, pg
     assert neighbours.errors == []
 
 
-def test_deallocate_all_forgets_the_clients_prepared_statements(proxy, fresh_db):
-    with connect(proxy, fresh_db, prepare_threshold=0) as client:
+def test_deallocate_all_forgets_the_clients_prepared_statements(proxy, module_db):
+    with connect(proxy, module_db, prepare_threshold=0) as client:
         first = client.execute("SELECT %s::int + 1", [1]).fetchone()[0]
         client.execute("DEALLOCATE ALL")
         again = client.execute("SELECT %s::int + 1", [2]).fetchone()[0]
         pid = backend_pid(client)
-        with holding_backend(proxy, fresh_db, pid, POOL_SIZE):
+        with holding_backend(proxy, module_db, pid, POOL_SIZE):
             elsewhere = client.execute("SELECT %s::int + 1", [3]).fetchone()[0]
 
     assert (first, again, elsewhere) == (2, 3, 4)
 
 
-def test_statement_name_closed_and_parsed_again_runs_the_new_text(proxy, fresh_db):
+def test_statement_name_closed_and_parsed_again_runs_the_new_text(proxy, module_db):
     parse = lambda sql: message(b"P", b"s1\0" + sql + b"\0\0\0")  # noqa: E731
     bind_execute = message(b"B", b"\0s1\0\0\0\0\0\0\0") + message(b"E", b"\0\0\0\0\0")
     sync = message(b"S")
     with RawConnection(proxy.host, proxy.port) as conn:
-        conn.start("postgres", fresh_db)
+        conn.start("postgres", module_db)
         conn.send(parse(b"SELECT 'first'") + bind_execute + sync)
         first = conn.read_until_ready()
         conn.send(message(b"C", b"Ss1\0") + sync)
@@ -106,19 +106,19 @@ def test_statement_name_closed_and_parsed_again_runs_the_new_text(proxy, fresh_d
     assert rows(second) == [b"\0\x01\0\0\0\x06second"]
 
 
-def test_notices_reach_the_client(proxy, fresh_db):
+def test_notices_reach_the_client(proxy, module_db):
     notices = []
-    with connect(proxy, fresh_db) as client:
+    with connect(proxy, module_db) as client:
         client.add_notice_handler(lambda diag: notices.append(diag.message_primary))
         client.execute("DO $$ BEGIN RAISE NOTICE 'first'; RAISE NOTICE 'second'; END $$")
 
     assert notices == ["first", "second"]
 
 
-def test_large_values_round_trip(proxy, fresh_db, pg):
-    pg.psql("CREATE TABLE blobs (id int, data bytea)", dbname=fresh_db)
+def test_large_values_round_trip(proxy, module_db, pg):
+    pg.psql("CREATE TABLE blobs (id int, data bytea)", dbname=module_db)
     payload = os.urandom(24 * 1024 * 1024)
-    with connect(proxy, fresh_db) as client:
+    with connect(proxy, module_db) as client:
         client.execute("INSERT INTO blobs VALUES (1, %s)", [payload])
         digest, size = client.execute("SELECT sha256(data), length(data) FROM blobs").fetchone()
         back = client.execute("SELECT data FROM blobs").fetchone()[0]
@@ -128,9 +128,9 @@ def test_large_values_round_trip(proxy, fresh_db, pg):
     assert bytes(back) == payload
 
 
-def test_simple_query_protocol_errors_leave_the_connection_ready(proxy, fresh_db):
+def test_simple_query_protocol_errors_leave_the_connection_ready(proxy, module_db):
     with RawConnection(proxy.host, proxy.port) as conn:
-        conn.start("postgres", fresh_db)
+        conn.start("postgres", module_db)
         conn.send(query("SELECT 1/0"))
         failed = conn.read_until_ready()
         conn.send(query(""))
