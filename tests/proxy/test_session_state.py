@@ -131,3 +131,35 @@ def test_startup_application_name_follows_the_client_to_another_backend(proxy, m
 
     assert name == "billing-worker"
     assert holder_name != "billing-worker"
+
+
+def test_set_config_does_not_leak_to_other_clients(proxy, module_db, defaults):
+    # The proxy may replay set_config() elsewhere or pin the client; either way no one else may see it.
+    with connect(proxy, module_db) as client:
+        client.execute("SELECT set_config('search_path', 'pg_catalog', false)")
+        client.execute("SELECT set_config('TimeZone', 'America/Lima', false)")
+        others = [connect(proxy, module_db, autocommit=False) for _ in range(POOL_SIZE - 1)]
+        try:
+            seen = [{name: show(other, name) for name in defaults} for other in others]
+        finally:
+            for other in others:
+                other.close()
+        mine = {name: show(client, name) for name in defaults}
+
+    assert seen == [defaults] * (POOL_SIZE - 1)
+    assert mine == {"search_path": "pg_catalog", "TimeZone": "America/Lima"}
+
+
+def test_set_role_follows_the_client_and_does_not_leak(proxy, module_db, pg):
+    pg.psql("DO $$ BEGIN CREATE ROLE reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+            dbname=module_db)
+    with connect(proxy, module_db) as client:
+        client.execute("SET ROLE reader")
+        pid = backend_pid(client)
+        with holding_backend(proxy, module_db, pid, POOL_SIZE) as holder:
+            assert holder is not None, "the client's backend was never handed to another client"
+            holder_user = holder.execute("SELECT current_user").fetchone()[0]
+            client_user = client.execute("SELECT current_user").fetchone()[0]
+
+    assert holder_user == "postgres"
+    assert client_user == "reader"

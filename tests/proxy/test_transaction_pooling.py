@@ -141,3 +141,74 @@ def test_simple_query_protocol_errors_leave_the_connection_ready(proxy, module_d
     assert [k for k, _ in failed] == [b"E", b"Z"] and failed[-1][1] == b"I"
     assert [k for k, _ in empty] == [b"I", b"Z"]
     assert [k for k, _ in fine] == [b"T", b"D", b"C", b"Z"]
+
+
+def test_pipelined_simple_queries_are_answered_in_order(proxy, module_db):
+    with RawConnection(proxy.host, proxy.port) as conn:
+        conn.start("postgres", module_db)
+        conn.send(b"".join(query(f"SELECT {i}, pg_sleep(0.001)") for i in range(20)))
+        answers = [conn.read_until_ready() for _ in range(20)]
+
+    values = [body[6:] for messages in answers for kind, body in messages if kind == b"D"]
+    assert values[0].startswith(b"0")
+    assert [v.split(b"\0")[0][:len(str(i))] for i, v in zip(range(20), values)] == [str(i).encode() for i in range(20)]
+
+
+def test_extended_batch_flushed_before_sync_keeps_its_backend(proxy, module_db):
+    with RawConnection(proxy.host, proxy.port) as conn, Neighbours(proxy, module_db) as neighbours:
+        conn.start("postgres", module_db)
+        pids = []
+        for _ in range(10):
+            conn.send(message(b"P", b"\0SELECT pg_backend_pid()::text\0\0\0") + message(b"B", b"\0\0\0\0\0\0\0\0")
+                      + message(b"E", b"\0\0\0\0\0") + message(b"H"))
+            kinds = []
+            while not kinds or kinds[-1] != b"C":
+                kind, body = conn.read_message()
+                kinds.append(kind)
+                if kind == b"D":
+                    pids.append(body[6:])
+            assert kinds == [b"1", b"2", b"D", b"C"]
+            conn.send(message(b"S"))
+            assert [k for k, _ in conn.read_until_ready()] == [b"Z"]
+
+    assert len(pids) == 10
+    assert neighbours.errors == []
+
+
+def test_client_vanishing_mid_transaction_leaves_nothing_behind(fresh_db, pg, proxy_factory):
+    proxy = proxy_factory(dbname=fresh_db, pool_size=1, timeouts={"query_wait": 10})
+    pg.psql("CREATE TABLE t (x int)", dbname=fresh_db)
+    with RawConnection(proxy.host, proxy.port) as vanishing:
+        vanishing.start("postgres", fresh_db)
+        vanishing.send(query("BEGIN; INSERT INTO t VALUES (1); SET LOCAL TimeZone TO 'Asia/Tokyo'"))
+        vanishing.read_until_ready()
+    with connect(proxy, fresh_db) as next_client:
+        with next_client.transaction():
+            rows = next_client.execute("SELECT count(*) FROM t").fetchone()[0]
+            zone = next_client.execute("SHOW TimeZone").fetchone()[0]
+
+    assert rows == 0
+    assert zone != "Asia/Tokyo"
+
+
+def test_client_vanishing_mid_query_does_not_hold_the_backend_until_the_query_ends(fresh_db, proxy_factory):
+    proxy = proxy_factory(dbname=fresh_db, pool_size=1, timeouts={"query_wait": 10})
+    with RawConnection(proxy.host, proxy.port) as vanishing:
+        vanishing.start("postgres", fresh_db)
+        vanishing.send(query("SELECT pg_sleep(60)"))
+    with connect(proxy, fresh_db) as next_client:
+        answer = next_client.execute("SELECT 'served'").fetchone()[0]
+
+    assert answer == "served"
+
+
+def test_many_distinct_prepared_statements_stay_correct_across_backends(proxy, module_db):
+    texts = [f"SELECT %s::int + {n}" for n in range(300)]
+    with connect(proxy, module_db, prepare_threshold=0) as client:
+        forward = [client.execute(sql, [1]).fetchone()[0] for sql in texts]
+        pid = backend_pid(client)
+        with holding_backend(proxy, module_db, pid, POOL_SIZE):
+            backward = [client.execute(sql, [2]).fetchone()[0] for sql in reversed(texts)]
+
+    assert forward == [1 + n for n in range(300)]
+    assert backward == [2 + n for n in reversed(range(300))]
