@@ -9,7 +9,7 @@ import pytest
 
 from proxy.cache import resp
 from tests.cache.conftest import context, eventually, settled, started
-from tests.support.services import RedisServer
+from tests.support.services import RedisServer, free_port
 
 READ = b"SELECT id, name FROM items WHERE id = 1"
 WRITE = b"UPDATE items SET name = 'changed' WHERE id = 1"
@@ -85,7 +85,7 @@ async def _entry(cache, key, v):
 
 
 def test_without_redis_at_start_the_cache_bypasses_and_starts_serving_when_it_appears(make_cache, db):
-    port = RedisServer().port   # a free port with nothing listening yet
+    port = free_port()   # nothing listens there yet
 
     async def body():
         cache = make_cache(redis_url=f"redis://127.0.0.1:{port}/0", dbname=db)
