@@ -61,9 +61,7 @@ def test_redis_down_means_bypass_then_no_stale_entry_when_it_returns(pg, make_ca
 
             # Redis returns from its snapshot: the old entry and the old generations are back.
             await eventually(lambda: _port_free(own_redis.port), timeout=10)
-            restarted = RedisServer(port=own_redis.port)
-            restarted._tmp = own_redis._tmp
-            own_redis.proc = restarted.start().proc
+            own_redis.start()                                  # same port, same directory: loads the snapshot
             assert await eventually(lambda: cache.store.serving, timeout=20)
             after = await cache.lookup(key, v.tables)
             return down_lookup, down_invalidate, down_stats, after, cache.stats()
