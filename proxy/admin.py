@@ -432,10 +432,16 @@ class AdminConsole:
         if by not in QueryStats.ORDERS:
             raise AdminError("42601", f"unknown order {by!r}", hint=f"one of {', '.join(QueryStats.ORDERS)}")
         types = {"fingerprint": TEXT, "kind": TEXT, "calls": INT8, "total_ms": FLOAT8, "mean_ms": FLOAT8,
-                 "p95_ms": FLOAT8, "max_ms": FLOAT8, "rows": INT8, "errors": INT8, "query": TEXT}
+                 "predicted_ms": FLOAT8, "p95_ms": FLOAT8, "max_ms": FLOAT8, "rows": INT8, "errors": INT8,
+                 "query": TEXT}
         top = qlog.query_stats.top(n, by)
-        return Result([(c, types.get(c, TEXT)) for c in QueryStats.COLUMNS],
-                      [tuple(r[c] for c in QueryStats.COLUMNS) for r in top])
+        # the time model's prediction per template (proxy/served_models.py), beside the measured mean
+        times = getattr(self.server.models, "times", None)
+        for r in top:
+            r["predicted_ms"] = times.predicted_for(r["fingerprint"], r["query"]) if times is not None else None
+        columns = list(QueryStats.COLUMNS)
+        columns.insert(columns.index("mean_ms") + 1, "predicted_ms")
+        return Result([(c, types.get(c, TEXT)) for c in columns], [tuple(r[c] for c in columns) for r in top])
 
     def reload(self, req: AdminRequest) -> str:
         error = self.server.reload()

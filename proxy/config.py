@@ -123,6 +123,56 @@ class LearningConfig(_Section):
     cache_byte_cost_us: float = Field(0.01, ge=0)     # cost of storing one byte, in microseconds of DB time
 
 
+class ModelsConfig(_Section):
+    """The learner's champions served in the proxy (docs/models-in-proxy.md); the registry is learning.model_dir."""
+    enabled: bool = True                         # watch the registry and load its champions
+    poll_interval: float = Field(1.0, gt=0)      # seconds between checks of champions/*.json
+    redis_channel: str | None = "models"         # with cache.redis_url: a message on <cache.key_prefix><this> checks now
+    learned_admission: bool = True               # cache admission by the cache model (when the cache is on)
+    predict_times: bool = True                   # predicted execution time per template (SHOW QUERIES)
+    max_templates: int = Field(10_000, ge=100)   # templates with an admission decision or predicted time kept
+
+
+AnomalyClass = Literal["slow_outlier", "unusual_rows", "new_template", "error_burst", "injection"]
+
+
+class AnomalyConfig(_Section):
+    """Scoring of finished statements, and the inline guard (enforce) against statements shaped like attacks."""
+    enabled: bool = True                         # score every finished statement (the learner's rules until a model)
+    threshold: float | None = Field(None, gt=0)  # flag at this score (null: the model's own, else learning's)
+    rules_without_model: bool = True             # with no model: flag injection shapes and error bursts by rule
+    score_interval: float = Field(0.005, gt=0)   # seconds a finished statement waits, at most, to be scored
+    max_batch: int = Field(512, ge=1)            # statements scored per model call
+    queue_size: int = Field(100_000, ge=100)     # statements waiting to be scored; beyond, not scored (counted)
+    recent_flags: int = Field(1000, ge=1)        # flags kept for SHOW ANOMALIES
+    log_flags: bool = True                       # a pgpilot.anomaly log line per flag ...
+    log_max_per_second: float = Field(50.0, gt=0)  # ... at most this many per second (the rest are counted)
+    webhook_url: str | None = None               # POST each flag as JSON here (http:// or https://)
+    webhook_timeout: float = Field(2.0, gt=0)
+    webhook_queue: int = Field(1000, ge=1)       # flags waiting for the webhook; beyond, dropped (counted)
+    notify_channel: str | None = None            # NOTIFY this channel with each flag (first database's connection)
+    notify_queue: int = Field(1000, ge=1)
+    enforce: list[AnomalyClass] = Field(default_factory=list)   # refuse (42501) statements of these classes inline
+    guard_threshold: float = Field(1.0, gt=0)    # enforce injection: the rule score of a statement's text to refuse
+    guard_cache_size: int = Field(50_000, ge=100)  # verdicts kept per statement text (constants stripped)
+
+    @field_validator("enforce")
+    @classmethod
+    def _enforceable(cls, v: list[str]) -> list[str]:
+        late = sorted(set(v) - {"injection", "new_template"})
+        if late:
+            raise ValueError(f"{', '.join(late)} can only be known after a statement ran; enforce takes "
+                             "injection and new_template")
+        return v
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and urlparse(v).scheme not in ("http", "https"):
+            raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+        return v
+
+
 class AdvisorsConfig(_Section):
     storage_budget: str = "500MB"               # new indexes may take this much space ("25%": of the tables read)
     workload_window_days: float = Field(7.0, gt=0)  # how much of the query log to read
@@ -209,6 +259,8 @@ class Config(_Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     learning: LearningConfig = Field(default_factory=LearningConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    anomaly: AnomalyConfig = Field(default_factory=AnomalyConfig)
     advisors: AdvisorsConfig = Field(default_factory=AdvisorsConfig)
     auth: AuthConfig | None = None    # None: every client is trusted (set it in production)
     tls: TlsConfig = Field(default_factory=TlsConfig)

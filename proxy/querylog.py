@@ -417,6 +417,9 @@ class QueryLog:
         self._queue_size = cfg.queue_size
         self._batch_size = cfg.batch_size
         self._wakeup: asyncio.Future | None = None
+        # Called before a batch is taken from the queue: the anomaly scorer scores what it holds, so every
+        # row carries its anomaly_score (proxy/served_models.py sets it).
+        self.before_batch = None
         self._settled = 0             # submitted events now written, spooled or dropped
         self._spool = Spool(cfg.spool_dir, proxy_id, cfg.spool_max_bytes)
         self._outbox: deque[_Batch] = deque()
@@ -562,6 +565,8 @@ class QueryLog:
                     timer.cancel()
                     self._wakeup = None
             while self._queue:
+                if self.before_batch is not None:
+                    self.before_batch()
                 n = min(len(self._queue), self._batch_size)
                 events = [self._queue.popleft() for _ in range(n)]
                 try:

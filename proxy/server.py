@@ -49,6 +49,7 @@ class ProxyServer:
         self.cache = None          # the result cache (proxy.cache.ResultCache) when cache.enabled
         self.guard = None          # inline statement guard (anomaly enforce mode): .check(raw Query/Parse) -> reason|None
         self.scorer = None         # anomaly scorer fed every finished statement: .submit(QueryEvent)
+        self.models = None         # proxy.served_models.ServedModels: scorer, guard, learned admission, predictions
         self.proxy_id = f"{socket.gethostname()}:{os.getpid()}"
         self._client_ids = 0
         self._xact_ids = 0
@@ -187,6 +188,10 @@ class ProxyServer:
                 self.cache = ResultCache(self.config.cache,
                                          {name: self.database_dsn(name) for name in self.config.databases})
                 await self.cache.start()
+        if self.config.models.enabled or self.config.anomaly.enabled:
+            from proxy.served_models import ServedModels
+            self.models = ServedModels(self)   # sets self.scorer and self.guard, wraps the cache's admission
+            await self.models.start()
         await self._start_metrics()   # first, so whoever sees the client port open can scrape too
         host, port = self.config.listen_address
         srv = await loop.create_server(lambda: ClientSession(self), host, port, backlog=4096, reuse_address=True)
@@ -329,6 +334,8 @@ class ProxyServer:
         await self._until_clients_gone(2.0)
         if self.metrics is not None:
             await self.metrics.stop()
+        if self.models is not None:
+            await _best_effort("models", self.models.stop())   # scores what is buffered before the log stops
         if self.cache is not None:
             await _best_effort("result cache", self.cache.stop())
         await _best_effort("client authentication", self.auth.close())
@@ -437,7 +444,7 @@ def _in_transaction(c: ClientSession) -> bool:
 # Structured fields a log line may carry (logging's `extra=`): they tie a client, its backend and its queries
 # together. JSON lines carry them as keys; plain lines end with key=value pairs.
 LOG_FIELDS = ("client", "backend", "user", "database", "addr", "application_name", "sqlstate", "duration_s",
-              "bytes_in", "bytes_out")
+              "bytes_in", "bytes_out", "fingerprint", "anomaly_class", "score")
 
 
 def client_fields(client: ClientSession, **more) -> dict:
