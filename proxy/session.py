@@ -94,6 +94,7 @@ class CacheRequest:
 
 
 _BYPASS = object()   # the lookup said to go to Postgres without filling
+_CACHE_BLIND_PINS = frozenset(("temporary table", "set_config()", "LOAD"))
 
 
 class StatementNames:
@@ -635,8 +636,9 @@ class ClientSession(asyncio.Protocol):
     def _pin_if_needed(self, effects: tuple) -> None:
         for e in effects:
             if e.kind == Effect.PIN:
-                if e.name == "temporary table":
-                    # A temp table can shadow a shared table of the same name: its results never go to the cache.
+                if e.name in _CACHE_BLIND_PINS:
+                    # The cache cannot see this state (a temp table shadowing a shared one, settings changed by
+                    # set_config, a loaded library): this session's results never go to or come from it.
                     self.cache = None
                 if self.pinned is None:
                     self.pinned = e.name
@@ -690,7 +692,10 @@ class ClientSession(asyncio.Protocol):
             v = cache.classify(sql, ctx)
             if not v.cacheable:
                 return False
-            req = CacheRequest(F_QUERY, sql, cache.key(ctx, sql, b"S"), v.tables, 1)
+            key = cache.key(ctx, sql, b"S")
+            if not key:
+                return False
+            req = CacheRequest(F_QUERY, sql, key, v.tables, 1)
         else:
             req = self._extended_cache_request(items, start, ctx)
             if req is None:
@@ -721,14 +726,15 @@ class ClientSession(asyncio.Protocol):
         portal, pos = P.read_cstring(bind, 5)
         stmt, pos2 = P.read_cstring(bind, pos)
         if parse_raw is not None and stmt == parsed_name:
-            sql = P.read_cstring(parsed_body, 0)[0]
+            body = parsed_body
         elif not stmt:
-            sql = self.unnamed_sql
+            body = self.unnamed
         else:
             entry = self.stmts.get(stmt)
-            sql = entry[2] if entry else None
-        if sql is None:
+            body = entry[1] if entry else None
+        if body is None:
             return None
+        sql, types_at = P.read_cstring(body, 0)
         j += 1
         describe = False
         if j < n and type(items[j]) is tuple and items[j][0] == F_DESCRIBE:
@@ -750,7 +756,10 @@ class ClientSession(asyncio.Protocol):
         v = self.cache.classify(sql, ctx)
         if not v.cacheable:
             return None
-        key = self.cache.key(ctx, sql, (b"E1" if describe else b"E0") + bind[pos2:])
+        # The parameter types are part of the key: the same bytes mean another value under another type.
+        key = self.cache.key(ctx, sql, (b"E1" if describe else b"E0") + bind[pos2:], body[types_at:])
+        if not key:
+            return None
         prefix = (P.PARSE_COMPLETE if parse_raw is not None else b"") + P.BIND_COMPLETE
         return CacheRequest(F_EXECUTE, sql, key, v.tables, j - start, prefix, parse_raw)
 
