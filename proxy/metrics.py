@@ -67,6 +67,9 @@ class ProxyCollector(Collector):
         yield from self._traffic(server, live)
         if server.query_log is not None:
             yield from self._query_log(server.query_log.stats())
+        if server.cache is not None:
+            from proxy.cache.report import metric_families
+            yield from metric_families(server.cache)
         if getattr(server, "models", None) is not None:
             yield from server.models.metric_families()
 

@@ -180,14 +180,12 @@ class ProxyServer:
             if self.query_log is not None:
                 await self.query_log.start()
         if self.config.cache.enabled:
-            try:
-                from proxy.cache import ResultCache
-            except ImportError as e:
-                log.warning("result cache unavailable (%s); serving without it", e)
-            else:
-                self.cache = ResultCache(self.config.cache,
-                                         {name: self.database_dsn(name) for name in self.config.databases})
-                await self.cache.start()
+            from proxy.cache import ResultCache
+            from proxy.cache.report import show_cache
+            self.cache = ResultCache(self.config.cache, {name: self.database_dsn(name) for name in self.config.databases})
+            await self.cache.start()
+            self.console.register("SHOW CACHE", lambda req: show_cache(self.cache),
+                                  "result cache: hits, misses, bypass reasons, bytes, invalidations, decoding lag")
         if self.config.models.enabled or self.config.anomaly.enabled:
             from proxy.served_models import ServedModels
             self.models = ServedModels(self)   # sets self.scorer and self.guard, wraps the cache's admission
