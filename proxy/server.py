@@ -249,8 +249,14 @@ class ProxyServer:
             now = time.monotonic()
             t = self.config.timeouts
             wait_limit = time.perf_counter() - t.query_wait
+            login_deadline = time.time() - (self.config.auth.timeout if self.config.auth else 60.0)
             for client in list(self.clients):
-                if client.state != "ready" or client.closed:
+                if client.closed:
+                    continue
+                if client.state != "ready":
+                    # A connection that never finishes its startup must not hold a client slot forever.
+                    if client.state == "startup" and client.connected_at < login_deadline:
+                        client.fatal("08P01", "no startup packet within the authentication timeout")
                     continue
                 if client.waiting:
                     if client.wait_started < wait_limit:
