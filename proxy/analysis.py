@@ -87,15 +87,32 @@ def _key_repl(m: re.Match) -> str:
     return PLACEHOLDER
 
 
+def _plain_key(text: str) -> str | None:
+    """The key of a text the single fast pattern lexes correctly, or None when it needs the full lexer."""
+    if "$" in text or "\\" in text or "--" in text or "/*" in text:
+        return None
+    if '"' in text and _IDENT_NEEDS_LEXER.search("".join(text.split('"')[1::2])) is not None:
+        return None
+    return _FAST_KEY.sub(PLACEHOLDER, text)
+
+
 def literal_key(sql: str) -> tuple[str, bool]:
     """The text with its literals replaced by PLACEHOLDER (comments dropped), and whether it lexed cleanly.
 
     Two texts with the same key differ only in constants (and comments). When the text does not lex cleanly
     (an unterminated quote, a nested comment) it is returned itself, with False.
     """
-    if ("$" not in sql and "\\" not in sql and "--" not in sql and "/*" not in sql
-            and ('"' not in sql or _IDENT_NEEDS_LEXER.search("".join(sql.split('"')[1::2])) is None)):
-        key = _FAST_KEY.sub(PLACEHOLDER, sql)
+    key = _plain_key(sql)
+    if key is None:
+        # A trailing comment (sqlcommenter, marginalia) on an otherwise plain text keeps the fast path;
+        # the result is what the full lexer gives.
+        body = sql.rstrip()
+        start = body.rfind("/*")
+        if body.endswith("*/") and start >= 0 and len(body) - start >= 4 and "*/" not in body[start + 2:-2]:
+            head = _plain_key(sql[:start])
+            if head is not None:
+                key = head + " " + sql[len(body):]
+    if key is not None:
         if "'" not in key:
             return key, True
         return sql, False  # an unterminated quote

@@ -276,3 +276,17 @@ def test_literals_the_fingerprint_sees_keep_texts_apart(a, b):
     assert analyzer.analyze(a).fingerprint == analyze_uncached(a).fingerprint
     assert analyzer.analyze(b).fingerprint == analyze_uncached(b).fingerprint
     assert analyzer.misses == 2
+
+
+@given(_template(), st.lists(_LITERALS, min_size=4, max_size=4),
+       st.sampled_from([" /* controller='users',action='show' */", "/* a */ ", " /* x /* y */", "/*/", " /**/",
+                        " /* it's */ -- more", " /* $$ */"]))
+@settings(max_examples=300, deadline=None)
+def test_the_trailing_comment_shortcut_gives_the_full_lexers_key(template, values, comment):
+    from proxy.analysis import _KEY_LEXER, _key_repl, _Unsafe
+    sql = template[0].format(*values) + comment
+    try:
+        expected = (_KEY_LEXER.sub(_key_repl, sql), True)
+    except _Unsafe:
+        expected = (sql, False)
+    assert literal_key(sql) == expected
