@@ -84,14 +84,20 @@ def bench_submit(n: int, rounds: int) -> list[dict]:
                        database="bench", username="bench", application_name="pgbench", client_addr="127.0.0.1",
                        backend_pid=1234, xact_id=i, in_transaction=False, protocol="simple", stmt_index=0)
 
-    built = "QueryEvent(...) (the session's call)"
-    results = {"submit()": [], "deque.append (floor)": [], built: []}
+    def build_all_positional(sqls):
+        for i, s in enumerate(sqls):
+            QueryEvent(1.0, 250, 3, s, 1, 120, None, "bench", "bench", "pgbench", "127.0.0.1", 1234, i, False,
+                       "simple", None, None, None, None, 0)
+
+    built, positional = "QueryEvent(...) by keyword (session's call)", "QueryEvent(...) by position"
+    results = {"submit()": [], "deque.append (floor)": [], built: [], positional: []}
     for r in range(rounds):
         results["deque.append (floor)"].append(per_item_ns(append_all, events))
         floor.clear()
         results["submit()"].append(per_item_ns(submit_all, events))
         writer._queue.clear()
         results[built].append(per_item_ns(build_all, texts))
+        results[positional].append(per_item_ns(build_all_positional, texts))
         log(f"submit round {r + 1}/{rounds}: {results['submit()'][-1]:.0f} ns")
     return [{"what": k, "ns_per_event": statistics.median(v), "rounds": v} for k, v in results.items()]
 
