@@ -100,3 +100,20 @@ def test_cancel_with_unknown_key_is_ignored(fresh_db, pg, proxy_factory):
 
     assert query.error is None and query.result == "slept"
     assert proxy.alive()
+
+
+def test_cancel_while_waiting_for_a_backend_ends_the_wait_with_57014(fresh_db, pg, proxy_factory):
+    # query_wait is long: without the cancel the waiting client would get 53300 much later.
+    proxy = proxy_factory(dbname=fresh_db, pool_size=1, timeouts={"query_wait": 30})
+    with connect(proxy, fresh_db, autocommit=False) as holder, connect(proxy, fresh_db) as waiter:
+        holder.execute("SELECT 1")  # an open transaction holds the only backend
+        query = Query(waiter, "SELECT 'got a backend'")
+        query.start()
+        query.join(1)  # give it time to queue; still waiting, whatever the machine's speed
+        waiter.cancel_safe()
+        query.join(20)
+        holder.rollback()
+        after = waiter.execute("SELECT 'usable'").fetchone()[0]
+
+    assert isinstance(query.error, psycopg.errors.QueryCanceled), query.error
+    assert after == "usable"

@@ -42,8 +42,8 @@ def test_psql_describe_lists_tables_and_their_columns(proxy, module_db, pg):
 
 
 def test_psql_multi_statement_query_runs_every_statement(proxy, module_db):
-    out = psql(proxy, module_db, "-c",
-               "CREATE TABLE tally (x int); INSERT INTO tally VALUES (1), (2), (3); SELECT sum(x) FROM tally; SELECT 'done'")
+    out = psql(proxy, module_db, "-c", "CREATE TABLE tally (x int); INSERT INTO tally VALUES (1), (2), (3);"
+               " SELECT sum(x) FROM tally; SELECT 'done'")
 
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["6", "done"]
@@ -90,7 +90,8 @@ def test_psql_copy_meta_command_round_trips_100k_rows(proxy, module_db, pg, item
     assert load.returncode == 0, load.stderr
     assert dump.returncode == 0, dump.stderr
     assert copied.read_text() == source.read_text()
-    assert pg.psql("SELECT count(*), sum(id) FROM items", dbname=module_db).strip() == f"{ROWS}|{ROWS * (ROWS - 1) // 2}"
+    loaded = pg.psql("SELECT count(*), sum(id) FROM items", dbname=module_db).strip()
+    assert loaded == f"{ROWS}|{ROWS * (ROWS - 1) // 2}"
 
 
 def test_psql_copy_from_stdin_and_to_stdout_round_trip_100k_rows(proxy, module_db, pg, items, tmp_path):

@@ -150,16 +150,87 @@ def test_set_config_does_not_leak_to_other_clients(proxy, module_db, defaults):
     assert mine == {"search_path": "pg_catalog", "TimeZone": "America/Lima"}
 
 
-def test_set_role_follows_the_client_and_does_not_leak(proxy, module_db, pg):
-    pg.psql("DO $$ BEGIN CREATE ROLE reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
-            dbname=module_db)
-    with connect(proxy, module_db) as client:
-        client.execute("SET ROLE reader")
+def test_set_role_follows_the_client_and_does_not_leak(fresh_db, pg, proxy_factory):
+    # A proxy of its own: a leaked role would change what later tests in this module see.
+    proxy = proxy_factory(dbname=fresh_db, pool_size=POOL_SIZE, timeouts={"query_wait": 3})
+    pg.psql("DO $$ BEGIN CREATE ROLE pgpilot_test_reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+            dbname=fresh_db)
+    with connect(proxy, fresh_db) as client:
+        client.execute("SET ROLE pgpilot_test_reader")
         pid = backend_pid(client)
-        with holding_backend(proxy, module_db, pid, POOL_SIZE) as holder:
+        with holding_backend(proxy, fresh_db, pid, POOL_SIZE) as holder:
             assert holder is not None, "the client's backend was never handed to another client"
             holder_user = holder.execute("SELECT current_user").fetchone()[0]
             client_user = client.execute("SELECT current_user").fetchone()[0]
 
     assert holder_user == "postgres"
-    assert client_user == "reader"
+    assert client_user == "pgpilot_test_reader"
+
+
+def on_another_backend(proxy, module_db, client, sql: str) -> tuple[str, int, int]:
+    """Run `sql` for the client after forcing it off its current backend: (first column, old pid, new pid)."""
+    pid = backend_pid(client)
+    with holding_backend(proxy, module_db, pid, POOL_SIZE) as holder:
+        assert holder is not None, "the client's backend was never handed to another client"
+        value, new_pid = client.execute(f"SELECT ({sql})::text, pg_backend_pid()").fetchone()
+    return value, pid, new_pid
+
+
+@pytest.mark.parametrize("statement", [
+    "SET search_path TO app, public",
+    "SET search_path = app, public",
+    "set SESSION search_path to app,public",
+    "SET search_path TO 'app', 'public'",
+    "BEGIN; SET search_path TO app, public; COMMIT",
+    "SET TimeZone TO 'UTC'; SET search_path TO app, public",
+])
+def test_every_spelling_of_set_follows_the_client(proxy, module_db, pg, statement):
+    pg.psql("CREATE SCHEMA IF NOT EXISTS app", dbname=module_db)
+    with connect(proxy, module_db) as client:
+        client.execute(statement)
+        value, old_pid, new_pid = on_another_backend(proxy, module_db, client, "current_schemas(false)")
+
+    assert new_pid != old_pid
+    assert value == "{app,public}"
+
+
+def test_set_time_zone_syntax_follows_the_client(proxy, module_db):
+    with connect(proxy, module_db) as client:
+        client.execute("SET TIME ZONE 'Asia/Tokyo'")
+        value, old_pid, new_pid = on_another_backend(proxy, module_db, client, "current_setting('TimeZone')")
+
+    assert new_pid != old_pid
+    assert value == "Asia/Tokyo"
+
+
+def test_set_undone_by_a_failing_multi_statement_query_is_not_replayed(proxy, module_db, defaults):
+    with connect(proxy, module_db) as client:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            client.execute("SET search_path TO pg_catalog; SELECT 1/0")
+        value, _, _ = on_another_backend(proxy, module_db, client, "current_setting('search_path')")
+
+    assert value == defaults["search_path"]
+
+
+def test_set_rolled_back_to_a_savepoint_is_undone(proxy, module_db, defaults):
+    with connect(proxy, module_db) as client:
+        with client.transaction():
+            client.execute("SAVEPOINT before")
+            client.execute("SET search_path TO pg_catalog")
+            client.execute("ROLLBACK TO SAVEPOINT before")
+        value, _, _ = on_another_backend(proxy, module_db, client, "current_setting('search_path')")
+
+    assert value == defaults["search_path"]
+
+
+@pytest.mark.parametrize("reset", ["DISCARD ALL", "RESET ALL"])
+def test_discarding_all_settings_is_not_undone_on_the_next_backend(proxy, module_db, defaults, reset):
+    with connect(proxy, module_db) as client:
+        client.execute("SET search_path TO pg_catalog")
+        client.execute("SET TimeZone TO 'Asia/Tokyo'")
+        client.execute(reset)
+        path, _, _ = on_another_backend(proxy, module_db, client, "current_setting('search_path')")
+        zone = show(client, "TimeZone")
+
+    assert path == defaults["search_path"]
+    assert zone == defaults["TimeZone"]
