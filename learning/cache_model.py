@@ -262,32 +262,39 @@ def estimated_value(stats, lookup_us: float, byte_cost_us: float, reads: float) 
         stats.bytes_p50 or 0.0)
 
 
-def window_samples(event_log: EventLog, mask: np.ndarray, windows: int, lookup_us: float,
-                   byte_cost_us: float) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(X, y, fingerprints): one sample per read template per time window; y = caching paid in that window."""
+def window_masks(event_log: EventLog, mask: np.ndarray, windows: int) -> list[np.ndarray]:
+    """The masked events cut into `windows` consecutive masks of equal event counts."""
     idx = np.nonzero(mask)[0]
-    X_parts, y_parts, fps = [], [], []
-    if len(idx) == 0:
-        return np.zeros((0, len(FEATURE_NAMES[KIND])), np.float32), np.zeros(0, int), []
     bounds = np.linspace(0, len(idx), windows + 1).astype(int)
-    n_t = len(event_log.fingerprints)
+    out = []
     for w in range(windows):
         wmask = np.zeros(len(event_log), bool)
         wmask[idx[bounds[w]:bounds[w + 1]]] = True
+        out.append(wmask)
+    return out
+
+
+def window_samples(event_log: EventLog, mask: np.ndarray, windows: int, lookup_us: float,
+                   byte_cost_us: float) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """(X, y, fingerprints, window): one sample per read template per time window; y = caching paid there."""
+    X_parts, y_parts, fps, window_ids = [], [], [], []
+    n_t = len(event_log.fingerprints)
+    for w, wmask in enumerate(window_masks(event_log, mask, windows)):
         if wmask.sum() < 50:
             continue
         trace = build_trace(event_log, wmask)
         value = template_value(trace, n_t, lookup_us, byte_cost_us)
         stats = template_stats(event_log, wmask)
+        calls = np.bincount(event_log.template[wmask], minlength=n_t)
+        logged = np.bincount(event_log.template[wmask & event_log.has_params], minlength=n_t) > calls / 2
         rows, labels = [], []
         for tid in np.nonzero(value["reads"])[0]:
             fp = event_log.fingerprints[tid]
             tp = event_log.templates.get(fp)
             if fp not in stats or tp is None:
                 continue
-            logged = event_log.has_params[wmask & (event_log.template == tid)].mean() > 0.5
             net = value["net_us"][tid]
-            if not logged and _has_parameters(tp.normalized_sql):
+            if not logged[tid] and _has_parameters(tp.normalized_sql):
                 net = estimated_value(stats[fp], lookup_us, byte_cost_us, value["reads"][tid])
             rows.append({"sql": tp.normalized_sql, "template": stats[fp]})
             labels.append(int(net > 0))
@@ -295,9 +302,10 @@ def window_samples(event_log: EventLog, mask: np.ndarray, windows: int, lookup_u
         if rows:
             X_parts.append(transform_many(rows, KIND))
             y_parts.append(np.array(labels))
+            window_ids += [w] * len(rows)
     if not X_parts:
-        return np.zeros((0, len(FEATURE_NAMES[KIND])), np.float32), np.zeros(0, int), []
-    return np.vstack(X_parts), np.concatenate(y_parts), fps
+        return np.zeros((0, len(FEATURE_NAMES[KIND])), np.float32), np.zeros(0, int), [], np.zeros(0, int)
+    return np.vstack(X_parts), np.concatenate(y_parts), fps, np.array(window_ids)
 
 
 def fit_classifier(X: np.ndarray, y: np.ndarray, seed: int = 0):
@@ -346,7 +354,10 @@ def evaluate(trace: Trace, admitted: set[int], capacities_bytes: list[float],
         for policy, adm in [("never", None), ("always", None), ("model", admitted), ("oracle", None),
                             *((name, a) for name, a in (extra_policies or {}).items())]:
             pol = policy if policy in ("never", "always", "oracle") else "model"
-            r = simulate(trace, pol, cap, adm, lookup_us=lookup_us, byte_cost_us=byte_cost_us).as_dict()
+            if pol == "never":  # nothing to replay: it saves nothing and costs nothing
+                r = SimResult("never", cap, reads=int(trace.is_read.sum())).as_dict()
+            else:
+                r = simulate(trace, pol, cap, adm, lookup_us=lookup_us, byte_cost_us=byte_cost_us).as_dict()
             r["policy"] = policy
             row[policy] = r
             ev.table.append(r)

@@ -146,10 +146,16 @@ def _every(conn, settings, interval: float, json_path: str | None) -> int:
                 if not holding:
                     log.info("another learner holds the lock; standing by")
             if holding:
-                summary = learn_once(settings, conn)
-                print(format_summary(summary), end="", flush=True)
-                if json_path:
-                    write_json(Path(json_path), summary)
+                try:
+                    summary = learn_once(settings, conn)
+                except Exception:  # a failed pass (the store restarting...) must not end the loop
+                    log.exception("learning pass failed; next try in %.0fs", interval)
+                    if conn.closed or conn.broken:
+                        return 2
+                else:
+                    print(format_summary(summary), end="", flush=True)
+                    if json_path:
+                        write_json(Path(json_path), summary)
             time.sleep(max(1.0, interval - (time.monotonic() - started)))
     except KeyboardInterrupt:
         return 0

@@ -8,6 +8,7 @@ consumes, so the learner's history features are computed from exactly the events
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class EventLog:
     templates: dict[str, Template] = field(default_factory=dict)
     plans: dict[str, dict] = field(default_factory=dict)          # fingerprint -> latest plan facts
     tables: dict[str, dict] = field(default_factory=dict)         # relname -> latest size facts
+    stats_memo: dict = field(default_factory=dict, repr=False)    # template_stats results by mask digest
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -259,9 +261,19 @@ def _span_hours(ts: np.ndarray) -> float:
 
 
 def template_stats(event_log: EventLog, mask: np.ndarray | None = None) -> dict[str, TemplateStats]:
-    """TemplateStats per fingerprint from the masked events (default: all), with plan and table facts."""
+    """TemplateStats per fingerprint from the masked events (default: all), with plan and table facts.
+
+    Computed once per distinct mask of a log (several models ask for the training part's statistics).
+    """
     if mask is None:
         mask = np.ones(len(event_log), bool)
+    digest = hashlib.blake2b(np.packbits(mask).tobytes(), digest_size=16).digest()
+    if digest not in event_log.stats_memo:
+        event_log.stats_memo[digest] = _template_stats(event_log, mask)
+    return event_log.stats_memo[digest]
+
+
+def _template_stats(event_log: EventLog, mask: np.ndarray) -> dict[str, TemplateStats]:
     n_t = len(event_log.fingerprints)
     g = event_log.template[mask]
     dur = event_log.duration_us[mask]

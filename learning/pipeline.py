@@ -246,6 +246,14 @@ def train_time_model(settings: LearnSettings, registry: Registry, event_log: Eve
             "template": event_log.templates[event_log.fingerprints[event_log.template[data.test_index[slowest]]]]
             .normalized_sql[:200], "actual_us": float(np.exp(data.y_test[slowest])),
             **tm.explain_prediction(result.model, data.X_test[slowest])}
+    true_us = np.exp(data.y_test)
+    by_db: dict[str, dict] = {}
+    for k, name in enumerate(event_log.databases):
+        rows = event_log.database[data.test_index] == k
+        if rows.any():
+            by_db[name] = {"model": tm.qerror_summary(tm.qerror(result.predictions_us[rows], true_us[rows])),
+                           "template_mean": tm.qerror_summary(tm.qerror(data.mean_baseline_us[rows], true_us[rows]))}
+    metrics["by_database"] = by_db
     p90 = metrics["time_split"]["model"]["p90"]
     champion = _champion_score(registry, tm.KIND, lambda m: float(np.percentile(
         tm.qerror(np.exp(m.run(data.X_test)), np.exp(data.y_test)), 90)))
@@ -313,17 +321,20 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
     from learning.logdata import serving_context
     cfg = settings.learning
     costs = {"lookup_us": cfg.cache_lookup_us, "byte_cost_us": cfg.cache_byte_cost_us}
-    # The admission threshold is chosen on the last sixth of the training window, the model then refit on all.
-    idx = np.nonzero(train)[0]
-    cut = idx[int(len(idx) * 5 / 6)] if len(idx) else 0
-    fit_part, val_part = train & (np.arange(len(event_log)) < cut), train & (np.arange(len(event_log)) >= cut)
-    X, y, _ = cm.window_samples(event_log, fit_part, 5, cfg.cache_lookup_us, cfg.cache_byte_cost_us)
-    model = cm.fit_classifier(X, y, settings.seed)
+    # Samples from 6 windows of the training part; the admission threshold is chosen on the last window with a
+    # model fit on the first five, then the model is refit on all six.
+    X, y, _, win = cm.window_samples(event_log, train, 6, cfg.cache_lookup_us, cfg.cache_byte_cost_us)
+    val_part = cm.window_masks(event_log, train, 6)[-1]
+    model = cm.fit_classifier(X[win < 5], y[win < 5], settings.seed)
+    if model is None:
+        model = cm.fit_classifier(X, y, settings.seed)
+        threshold, tried = 0.5, []
+    else:
+        threshold, tried = cm.choose_threshold(model, event_log, train & ~val_part, val_part,
+                                               CACHE_CAPACITY_SHARES[1])
+        model = cm.fit_classifier(X, y, settings.seed) or model
     if model is None:
         return {"skipped": f"labels of one class only ({len(y)} samples)", "headline": "skipped: one class"}
-    threshold, tried = cm.choose_threshold(model, event_log, fit_part, val_part, CACHE_CAPACITY_SHARES[1])
-    X, y, _ = cm.window_samples(event_log, train, 6, cfg.cache_lookup_us, cfg.cache_byte_cost_us)
-    model = cm.fit_classifier(X, y, settings.seed) or model
     stats = template_stats(event_log, train)
     X_t, tids = cm.template_rows(event_log, stats)
     proba = model.predict_proba(X_t)[:, 1] if len(X_t) else np.zeros(0)
@@ -372,7 +383,7 @@ def _nz(v: float) -> float:
 def train_cluster_model(settings: LearnSettings, registry: Registry, event_log: EventLog, train, test, window,
                         report=None, **_) -> dict:
     from learning import clustering as cl
-    stats = template_stats(event_log)
+    stats = template_stats(event_log, train)
     X, fps = cl.template_matrix(event_log, stats)
     result = cl.fit_clusters(X, fps, settings.seed)
     if result is None:
@@ -382,8 +393,7 @@ def train_cluster_model(settings: LearnSettings, registry: Registry, event_log: 
     metrics = {"algorithm": result.algorithm, "clusters": result.k, "silhouette": result.silhouette,
                "templates": len(fps), "candidates": result.candidates, "profiles": result.profiles}
     onnx_bytes = export_onnx(result.model, cl.KIND, algorithm=result.algorithm,
-                             metrics={"silhouette": result.silhouette, "clusters": result.k},
-                             training_window=_window(event_log, np.ones(len(event_log), bool)))
+                             metrics={"silhouette": result.silhouette, "clusters": result.k}, training_window=window)
     metrics["onnx"] = onnx_agreement(onnx_bytes, result.model.predict(X).astype(float), X)
     champion = _champion_score(registry, cl.KIND, lambda m: cl.labels_silhouette(X, m.run(X)))
     metrics["registry"] = _register(registry, cl.KIND, onnx_bytes, None, metrics, "silhouette", result.silhouette,

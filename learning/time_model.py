@@ -28,7 +28,7 @@ KIND = "time"
 FAMILIES = ("xgboost", "random_forest", "gradient_boosting")
 # Rows a family fits on during the search / for the final model: the exact-split ensembles are slow.
 SEARCH_ROWS = {"xgboost": 20_000, "random_forest": 10_000, "gradient_boosting": 8_000}
-FINAL_ROWS = {"xgboost": 200_000, "random_forest": 50_000, "gradient_boosting": 40_000}
+FINAL_ROWS = {"xgboost": 150_000, "random_forest": 30_000, "gradient_boosting": 30_000}
 
 
 def qerror(pred_us: np.ndarray, true_us: np.ndarray) -> np.ndarray:
@@ -366,6 +366,7 @@ def train_and_evaluate(data: TimeData, *, budget_s: float, folds: int, families=
     q_mean = qerror(data.mean_baseline_us, true_us)
     metrics = {
         "family": best.family, "params": best.params, "cv_p90": best.cv_p90, "fit_seconds": fit_s,
+        "search": [{"family": t["family"], "cv_p90": t["cv_p90"], "seconds": t["seconds"]} for t in best.trials],
         "train_rows": int(n), "test_rows": int(len(true_us)),
         "time_split": {"model": qerror_summary(q_model), "template_mean": qerror_summary(q_mean)},
         "unseen_parameters": {"model": qerror_summary(q_model[data.unseen_params]),

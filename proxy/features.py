@@ -18,6 +18,7 @@ learner-exported context, identically for training and serving.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import re
@@ -404,15 +405,11 @@ def param_number(value: str | None) -> float | None:
     return None
 
 
+_EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
+
+
 def _days_from_civil(y: int, m: int, d: int) -> float:
-    if not (1 <= m <= 12 and 1 <= d <= 31):
-        raise ValueError("not a date")
-    y -= m <= 2
-    era = y // 400
-    yoe = y - era * 400
-    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return float(era * 146097 + doe - 719468)
+    return float(datetime.date(y, m, d).toordinal() - _EPOCH_ORDINAL)
 
 
 @lru_cache(maxsize=50_000)
@@ -512,6 +509,7 @@ TIME_OF_DAY_FEATURES = ("tod_hour_sin", "tod_hour_cos", "tod_weekend")
 EVENT_FEATURES = (
     "ev_duration_log", "ev_rows_log", "ev_bytes_log", "ev_error", "ev_z_duration", "ev_z_rows", "ev_z_bytes",
     "ev_new_template", "ev_app_known", "ev_client_known", "ev_app_template_share", "ev_client_recent_errors",
+    "ev_over_p95_log10", "ev_excess_ms",
 )
 # Robust z-scores divide by at least this many log units: a template that always takes the same time is not
 # "infinitely anomalous" when it takes 30% longer.
@@ -568,6 +566,8 @@ def _event_vector(x: dict, t: TemplateStats | None) -> list[float]:
         _robust_z(nbytes, t.bytes_p50, t.bytes_mad_log) if known else 0.0,
         0.0 if known else 1.0, float(bool(x.get("app_known"))), float(bool(x.get("client_known"))), share,
         float(x.get("client_recent_errors") or 0),
+        math.log10(max(float(dur or 0.0), 1e-3) / max(float(t.p95_us or 0.0), 1.0)) if known and dur else 0.0,
+        (float(dur) - float(t.p50_us or 0.0)) / 1000.0 if known and dur else 0.0,
     ]
 
 
@@ -725,13 +725,11 @@ def anomaly_signals(X: np.ndarray) -> np.ndarray:
     unusual_client = (col("ev_app_known") == 0) | (col("ev_client_known") == 0) | (
         known & (col("ev_app_template_share") < 0.01))
     # slow: far beyond the template's usual time (robust z), beyond its own tail (p95) and by enough to matter
-    duration_us = np.expm1(col("ev_duration_log"))
-    p95_us = np.maximum(np.expm1(col("hist_p95_log_us")), 1.0)
-    beyond_tail = np.log10(np.maximum(duration_us / p95_us, 1e-9)) - 0.4   # 0.6 at 10x the p95
+    beyond_tail = col("ev_over_p95_log10") - 0.4   # 0.6 at 10x the p95
     big = (np.expm1(col("ev_rows_log")) >= VOLUME_MIN_ROWS) | (np.expm1(col("ev_bytes_log")) >= VOLUME_MIN_BYTES)
     volume_z = np.maximum(col("ev_z_rows"), col("ev_z_bytes"))
     # (a statement slow because it returned far more than usual is a volume anomaly, not a slow one)
-    slow = np.where(known & (duration_us - np.expm1(col("hist_p50_log_us")) >= SLOW_MIN_EXCESS_US)
+    slow = np.where(known & (col("ev_excess_ms") * 1000.0 >= SLOW_MIN_EXCESS_US)
                     & (col("ev_z_duration") >= 4.0) & (volume_z < 3.0), np.clip(beyond_tail, 0, 2), 0.0)
     volume = np.where(known & big, np.clip(volume_z / np.where(unusual_client, 4.0, 8.0), 0, 2), 0.0)
     novelty = np.where(known, 0.0, np.where(unusual_client, 1.0, 0.3))

@@ -16,6 +16,7 @@ pgpilot_eval.labels (xact_id, fingerprint, label), so that no model can read the
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import math
@@ -80,7 +81,8 @@ class Analysis:
     literals: list[str]
 
 
-def analyze_text(sql: str) -> list[Analysis]:
+@functools.lru_cache(maxsize=50_000)
+def analyze_text(sql: str) -> tuple[Analysis, ...]:
     """One Analysis per statement of a text (fingerprint, normalized SQL, kind, tables, literal values)."""
     if _proxy_analyze is not None:
         info = _proxy_analyze(sql)
@@ -91,7 +93,7 @@ def analyze_text(sql: str) -> list[Analysis]:
             out.append(Analysis(s.fingerprint, s.normalized, s.kind, tuple(s.tables_read), tuple(s.tables_written),
                                 values[pos:pos + s.literal_count]))
             pos += s.literal_count
-        return out
+        return tuple(out)
     from pglast import parser, split
 
     from proxy.features import normalize, statement_kind, statement_tables
@@ -104,7 +106,7 @@ def analyze_text(sql: str) -> list[Analysis]:
             fp = hashlib.sha1(normalized.encode()).hexdigest()[:16]
         read, written = statement_tables(part)
         out.append(Analysis(fp, normalized, statement_kind(part), read, written, list(values)))
-    return out
+    return tuple(out)
 
 
 @dataclass

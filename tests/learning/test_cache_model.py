@@ -68,14 +68,10 @@ def test_net_benefit_charges_lookups_and_bytes():
 @pytest.fixture(scope="module")
 def cache_evaluation(event_log):
     train, test = time_split(event_log, 0.3)
-    idx = np.nonzero(train)[0]
-    cut = idx[int(len(idx) * 5 / 6)]
-    fit = train & (np.arange(len(event_log)) < cut)
-    val = train & (np.arange(len(event_log)) >= cut)
-    X, y, _ = cm.window_samples(event_log, fit, 5, 20.0, 0.01)
-    model = cm.fit_classifier(X, y)
-    threshold, _ = cm.choose_threshold(model, event_log, fit, val, 0.01)
-    X, y, _ = cm.window_samples(event_log, train, 6, 20.0, 0.01)
+    X, y, _, window = cm.window_samples(event_log, train, 6, 20.0, 0.01)
+    val = cm.window_masks(event_log, train, 6)[-1]
+    model = cm.fit_classifier(X[window < 5], y[window < 5])
+    threshold, _ = cm.choose_threshold(model, event_log, train & ~val, val, 0.01)
     model = cm.fit_classifier(X, y)
     rows, tids = cm.template_rows(event_log, template_stats(event_log, train))
     admitted = cm.admitted_at(model.predict_proba(rows)[:, 1], tids, threshold)
