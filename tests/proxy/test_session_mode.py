@@ -87,7 +87,7 @@ def test_session_mode_prepared_statements_and_cancel_work(fresh_db, proxy_factor
         errors = []
         sleeper = threading.Thread(target=lambda: errors.append(run_and_catch(client, "SELECT pg_sleep(10)")))
         sleeper.start()
-        wait_for_active(client, proxy, fresh_db)
+        wait_for_active(proxy, fresh_db)
         client.cancel_safe()
         sleeper.join(15)
 
@@ -103,7 +103,7 @@ def run_and_catch(conn, sql: str) -> psycopg.Error | None:
     return None
 
 
-def wait_for_active(client, proxy, dbname: str, timeout: float = 10) -> None:
+def wait_for_active(proxy, dbname: str, timeout: float = 10) -> None:
     """Wait until the client's pg_sleep(10) is running, seen from another client."""
     with connect(proxy, dbname) as watcher:
         deadline = time.monotonic() + timeout
