@@ -31,7 +31,7 @@ import numpy as np
 
 from proxy.analysis import Analyzer, extract_literals
 from proxy.features import (ANOMALY_CLASSES, EVENT_FEATURES, FEATURE_NAMES, PARAM_FEATURES, RecentErrors,
-                            anomaly_signals, param_features, transform_one)
+                            anomaly_signals, param_features, transform_many, transform_one)
 
 log = logging.getLogger("pgpilot.scoring")
 flag_log = logging.getLogger("pgpilot.anomaly")
@@ -45,7 +45,15 @@ _PAR_IN_ROW = [(COL[n], PARAM_FEATURES.index(n)) for n in NAMES if n in PARAM_FE
 _C_DUR, _C_ROWS, _C_BYTES, _C_ERR = (COL[n] for n in ("ev_duration_log", "ev_rows_log", "ev_bytes_log", "ev_error"))
 _C_ZDUR, _C_ZROWS, _C_ZBYTES = (COL[n] for n in ("ev_z_duration", "ev_z_rows", "ev_z_bytes"))
 _C_RECENT = COL["ev_client_recent_errors"]
+_C_OVER_P95, _C_EXCESS = COL.get("ev_over_p95_log10"), COL.get("ev_excess_ms")
 _C_KNOWN = COL["hist_known"]
+# The event features the batch path computes itself; any other (a newer proxy.features) makes the scorer build
+# each row with proxy.features.transform_one instead: slower, never different.
+_BATCHED_EVENT_FEATURES = frozenset({
+    "ev_duration_log", "ev_rows_log", "ev_bytes_log", "ev_error", "ev_z_duration", "ev_z_rows", "ev_z_bytes",
+    "ev_new_template", "ev_app_known", "ev_client_known", "ev_app_template_share", "ev_client_recent_errors",
+    "ev_over_p95_log10", "ev_excess_ms"})
+BATCHED = set(EVENT_FEATURES) <= _BATCHED_EVENT_FEATURES
 _I_BURST, _I_INJECTION = ANOMALY_CLASSES.index("error_burst"), ANOMALY_CLASSES.index("injection")
 assert set(EVENT_FEATURES) <= set(NAMES)
 # The same constants as proxy.features' robust z-score.
@@ -59,8 +67,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class StatementRow:
     """What a batch needs of one (template, normalized text, application, client): the row's fixed part."""
 
-    __slots__ = ("row", "fingerprint", "normalized", "template", "known", "p50", "mad", "rows_p50", "rows_mad",
-                 "bytes_p50", "bytes_mad", "app_known", "client_known")
+    __slots__ = ("row", "fingerprint", "normalized", "template", "known", "p50", "p95", "mad", "rows_p50",
+                 "rows_mad", "bytes_p50", "bytes_mad", "app_known", "client_known", "app")
 
     def __init__(self, fingerprint: str, normalized: str, template, app_known: bool, client_known: bool,
                  app: str):
@@ -69,6 +77,7 @@ class StatementRow:
         self.template = template
         self.app_known = app_known
         self.client_known = client_known
+        self.app = app
         self.row = transform_one({"sql": normalized, "parameters": None, "template": template,
                                   "application_name": app, "app_known": app_known, "client_known": client_known},
                                  KIND)
@@ -76,6 +85,7 @@ class StatementRow:
         self.known = t is not None and bool(t.calls)
         nan = math.nan
         self.p50 = nan if not self.known or t.p50_us is None else float(t.p50_us)
+        self.p95 = float(t.p95_us or 0.0) if self.known else 0.0
         self.mad = float(t.mad_log_us or 0.0) if self.known else 0.0
         self.rows_p50 = nan if not self.known or t.rows_p50 is None else float(t.rows_p50)
         self.rows_mad = float(t.rows_mad_log or 0.0) if self.known else 0.0
@@ -253,6 +263,8 @@ class AnomalyScorer:
             recent[i] = errors.observe(f"{client}|{app}", float(ev.ts or 0.0), failed)
             if params is not None:
                 params[i] = self._parameters(ev, info, stmts, idx)
+        if not BATCHED:
+            return self._exact_rows(events, parts, dur, rows, nbytes, recent, params), parts
         X = np.stack([p.row for p in parts]) if parts else np.zeros((0, len(NAMES)), np.float32)
         X[:, _C_DUR] = _lg(dur)
         X[:, _C_ROWS] = _lg(rows)
@@ -265,6 +277,13 @@ class AnomalyScorer:
                                        np.array([p.rows_mad for p in parts]))
             X[:, _C_ZBYTES] = _robust_z(nbytes, np.array([p.bytes_p50 for p in parts]),
                                         np.array([p.bytes_mad for p in parts]))
+            known = np.array([p.known for p in parts]) & (dur != 0)
+            if _C_OVER_P95 is not None:
+                p95 = np.maximum(np.array([p.p95 for p in parts]), 1.0)
+                X[:, _C_OVER_P95] = np.where(known, np.log10(np.maximum(dur, 1e-3) / p95), 0.0)
+            if _C_EXCESS is not None:
+                p50 = np.nan_to_num(np.array([p.p50 for p in parts]), nan=0.0)
+                X[:, _C_EXCESS] = np.where(known, (dur - p50) / 1000.0, 0.0)
         if params is not None:
             for i, values in enumerate(params):
                 if values is not None:
@@ -272,6 +291,16 @@ class AnomalyScorer:
                     for col, j in _PAR_IN_ROW:
                         X[i, col] = pf[j]
         return X, parts
+
+    @staticmethod
+    def _exact_rows(events, parts, dur, rows, nbytes, recent, params) -> np.ndarray:
+        """Rows built one by one by proxy.features (for event features the batch path does not know)."""
+        return transform_many([{
+            "sql": p.normalized, "parameters": None if params is None or params[i] is None else tuple(params[i]),
+            "ts": ev.ts, "duration_us": float(dur[i]), "rows": float(rows[i]), "bytes_out": float(nbytes[i]),
+            "sqlstate": ev.sqlstate, "application_name": p.app, "client_addr": ev.client_addr,
+            "template": p.template, "app_known": p.app_known, "client_known": p.client_known,
+            "client_recent_errors": float(recent[i])} for i, (ev, p) in enumerate(zip(events, parts))], KIND)
 
     def _static_row(self, key: tuple, s) -> StatementRow:
         fingerprint, normalized, app, client = key
