@@ -55,7 +55,8 @@ class RawConnection:
     def __init__(self, host: str, port: int, timeout: float = 10.0):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.timeout = timeout
-        self._buf = b""
+        self._buf = bytearray()
+        self._pos = 0  # start of unread data in _buf; consumed bytes are dropped in bulk, not per message
 
     def close(self) -> None:
         self.sock.close()
@@ -88,28 +89,35 @@ class RawConnection:
         except ConnectionResetError:
             chunk = b""
         if not chunk:
-            raise ServerClosed(f"server closed the connection ({len(self._buf)} bytes of a partial message left)")
+            raise ServerClosed(f"server closed the connection ({self._unread()} bytes of a partial message left)")
+        if self._pos > 65536:
+            del self._buf[:self._pos]
+            self._pos = 0
         self._buf += chunk
+
+    def _unread(self) -> int:
+        return len(self._buf) - self._pos
 
     def read_byte(self, timeout: float | None = None) -> bytes:
         """One unframed byte, as the answer to SSLRequest / GSSENCRequest."""
         deadline = time.monotonic() + (timeout or self.timeout)
-        while not self._buf:
+        while not self._unread():
             self._fill(deadline)
-        b, self._buf = self._buf[:1], self._buf[1:]
-        return b
+        self._pos += 1
+        return bytes(self._buf[self._pos - 1:self._pos])
 
     def read_message(self, timeout: float | None = None) -> tuple[bytes, bytes]:
         """The next (type, body); raises ServerClosed at end of stream and TimeoutError when nothing comes."""
         deadline = time.monotonic() + (timeout or self.timeout)
-        while len(self._buf) < 5:
+        while self._unread() < 5:
             self._fill(deadline)
-        kind = self._buf[:1]
-        (length,) = struct.unpack("!I", self._buf[1:5])
-        while len(self._buf) < 1 + length:
-            self._fill(deadline)
-        body = self._buf[5:1 + length]
-        self._buf = self._buf[1 + length:]
+        (length,) = struct.unpack_from("!I", self._buf, self._pos + 1)
+        while self._unread() < 1 + length:
+            self._fill(deadline)  # may compact the buffer: positions are taken only after it
+        start = self._pos
+        kind = bytes(self._buf[start:start + 1])
+        body = bytes(self._buf[start + 5:start + 1 + length])
+        self._pos = start + 1 + length
         return kind, body
 
     def read_until_closed(self, timeout: float | None = None) -> list[tuple[bytes, bytes]]:
