@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -18,6 +19,10 @@ from advisors.workload import Instance, render_literal
 log = logging.getLogger("pgpilot.advisors")
 
 _HYPO_NAME = re.compile(r"^<(\d+)>")
+# Key types whose B-tree equality is bitwise, so PostgreSQL deduplicates them (pg_opclass "equalimage").
+_DEDUP_TYPES = ("smallint", "integer", "bigint", "date", "timestamp", "time", "text", "character varying",
+                "boolean", "uuid", "oid")
+_POSTING_LIST_TIDS = 400   # row pointers one posting list tuple holds at most (about a third of a page)
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class WhatIf:
         self._costs: dict[tuple, float | None] = {}
         self._sizes: dict[IndexSpec, int] = {}
         self._forms: dict[str, tuple | None] = {}
+        self._distinct: dict[tuple, float] = {}
         self.explains = 0
         exists = conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'hypopg'").fetchone()[0]
         if not exists:
@@ -109,16 +115,60 @@ class WhatIf:
         return row[0]
 
     def size(self, spec: IndexSpec) -> int:
-        """HypoPG's estimate of the index's size in bytes."""
+        """The index's size in bytes: HypoPG's estimate, shrunk for B-tree deduplication where it applies."""
         if spec not in self._sizes:
             if spec in self._hypo:
-                oid = self._hypo[spec]
-                self._sizes[spec] = self.conn.execute("SELECT hypopg_relation_size(%s)", (oid,)).fetchone()[0]
+                raw = self.conn.execute("SELECT hypopg_relation_size(%s)", (self._hypo[spec],)).fetchone()[0]
             else:
                 oid = self._create(spec)
-                self._sizes[spec] = self.conn.execute("SELECT hypopg_relation_size(%s)", (oid,)).fetchone()[0]
+                raw = self.conn.execute("SELECT hypopg_relation_size(%s)", (oid,)).fetchone()[0]
                 self.conn.execute("SELECT hypopg_drop_index(%s)", (oid,))
+            self._sizes[spec] = int(raw * self._dedup_factor(spec, raw))
         return self._sizes[spec]
+
+    def _dedup_factor(self, spec: IndexSpec, raw_bytes: int) -> float:
+        """What deduplication (PostgreSQL 13+) leaves of a B-tree: one key per run of equal keys, 6 bytes per row.
+
+        HypoPG sizes every row as a full tuple. PostgreSQL stores equal keys once with a list of row pointers,
+        but only without INCLUDE columns and for types whose equality is bitwise (not numeric, char(n), float).
+        """
+        table = self.catalog.tables.get(spec.table)
+        if spec.include or spec.where or table is None or table.rows < 1000:
+            return 1.0
+        types = [table.columns[c].type for c in spec.columns if c in table.columns]
+        if len(types) != len(spec.columns) or not all(t.startswith(_DEDUP_TYPES) for t in types):
+            return 1.0
+        distinct = self._distinct_keys(table, spec.columns)
+        dups = table.rows / max(distinct, 1.0)
+        if dups < 1.5:
+            return 1.0
+        per_row = raw_bytes / table.rows
+        lists = math.ceil(dups / _POSTING_LIST_TIDS)
+        per_key = lists * per_row + (dups - lists) * 6
+        return min(1.0, per_key / (dups * per_row))
+
+    def _distinct_keys(self, table, columns: tuple[str, ...]) -> float:
+        """Distinct values of a key: pg_stats for one column, a sampled estimate for several (as ANALYZE does)."""
+        if len(columns) == 1:
+            col = table.columns[columns[0]]
+            return col.n_distinct or table.rows
+        key = (table.qualified, columns)
+        if key not in self._distinct:
+            percent = min(100.0, 100.0 * 30_000 / max(table.rows, 1.0))
+            cols = ", ".join(quote_ident(c) for c in columns)
+            n, groups, once = self.conn.execute(
+                f"""SELECT coalesce(sum(k), 0), count(*), count(*) FILTER (WHERE k = 1) FROM (
+                      SELECT count(*) AS k FROM {table.sql_name} TABLESAMPLE SYSTEM ({percent:.4f}) REPEATABLE (7)
+                      GROUP BY {cols}) g""").fetchone()
+            n, groups, once, rows = float(n), float(groups), float(once), table.rows
+            if n == 0:
+                estimate = rows
+            elif once == n:  # every sampled key was unique
+                estimate = rows
+            else:  # Haas and Stokes' Duj1 estimator, as ANALYZE uses for n_distinct
+                estimate = n * groups / (n - once + once * n / rows)
+            self._distinct[key] = min(rows, max(estimate, float(groups)))
+        return self._distinct[key]
 
     def spec_of(self, index_name: str) -> IndexSpec | None:
         m = _HYPO_NAME.match(index_name)
