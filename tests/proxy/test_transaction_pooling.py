@@ -212,3 +212,17 @@ def test_many_distinct_prepared_statements_stay_correct_across_backends(proxy, m
 
     assert forward == [1 + n for n in range(300)]
     assert backward == [2 + n for n in reversed(range(300))]
+
+
+def test_failed_parse_does_not_take_the_statement_name(proxy, module_db):
+    sync = message(b"S")
+    with RawConnection(proxy.host, proxy.port) as conn:
+        conn.start("postgres", module_db)
+        conn.send(message(b"P", b"s1\0SELEC 1\0\0\0") + sync)
+        failed = conn.read_until_ready()
+        conn.send(message(b"P", b"s1\0SELECT 'parsed'\0\0\0") + message(b"B", b"\0s1\0\0\0\0\0\0\0")
+                  + message(b"E", b"\0\0\0\0\0") + sync)
+        second = conn.read_until_ready()
+
+    assert [k for k, _ in failed] == [b"E", b"Z"]
+    assert [k for k, _ in second] == [b"1", b"2", b"D", b"C", b"Z"], second
