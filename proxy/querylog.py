@@ -420,6 +420,7 @@ class QueryLog:
         # Called before a batch is taken from the queue: the anomaly scorer scores what it holds, so every
         # row carries its anomaly_score (proxy/served_models.py sets it).
         self.before_batch = None
+        self._hook_log_at = 0.0
         self._settled = 0             # submitted events now written, spooled or dropped
         self._spool = Spool(cfg.spool_dir, proxy_id, cfg.spool_max_bytes)
         self._outbox: deque[_Batch] = deque()
@@ -566,7 +567,12 @@ class QueryLog:
                     self._wakeup = None
             while self._queue:
                 if self.before_batch is not None:
-                    self.before_batch()
+                    try:
+                        self.before_batch()
+                    except Exception:   # someone else's hook must not stop the log
+                        if time.monotonic() >= self._hook_log_at:
+                            log.exception("query log: the before_batch hook failed")
+                            self._hook_log_at = time.monotonic() + 60
                 n = min(len(self._queue), self._batch_size)
                 events = [self._queue.popleft() for _ in range(n)]
                 try:

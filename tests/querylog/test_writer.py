@@ -221,3 +221,16 @@ def test_awkward_text_survives_the_trip_to_the_store(tmp_path, store_dsn):
 def test_a_client_address_that_is_not_an_ip_is_stored_as_null(tmp_path, store_dsn):
     asyncio.run(_log_all(make_config(tmp_path), store_dsn, [make_event("SELECT 1", 1, client_addr="/tmp/.s.5432")]))
     assert fetch(store_dsn, "SELECT client_addr FROM pgpilot.query_events") == [(None,)]
+
+
+def test_a_failing_before_batch_hook_does_not_stop_the_log(tmp_path, store_dsn):
+    async def scenario():
+        log = QueryLog(make_config(tmp_path), store_dsn, "p1")
+        log.before_batch = lambda: 1 / 0
+        await log.start()
+        log.submit(make_event("SELECT 1", 1))
+        assert await log.flush()
+        await log.stop()
+        return log
+    log = asyncio.run(scenario())
+    assert log.written == 1
