@@ -14,7 +14,7 @@ def partition_name(day: dt.date) -> str:
 def partition_ddl(day: dt.date) -> str:
     nxt = day + dt.timedelta(days=1)
     return (f"CREATE TABLE IF NOT EXISTS pgpilot.{partition_name(day)} PARTITION OF pgpilot.query_events "
-            f"FOR VALUES FROM ('{day.isoformat()}') TO ('{nxt.isoformat()}')")
+            f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') TO ('{nxt.isoformat()} 00:00:00+00')")
 
 
 async def ensure_schema(conn, days: range = range(-1, 3)) -> None:

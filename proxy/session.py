@@ -1177,14 +1177,13 @@ class ClientSession(asyncio.Protocol):
         sent = self.bytes_out + sum(map(len, out))
         nbytes, self._bytes_mark = sent - self._bytes_mark, sent
         wait_us, self._wait_us = self._wait_us, 0
+        # Positional arguments: a third of the cost of keywords, and this runs once per statement.
         event = QueryEvent(
-            ts=time.time() - (now - start), duration_us=duration_us, wait_us=wait_us,
-            sql=e.sql.decode("utf-8", "replace"), rows=P.command_tag_rows(cc) if cc else None,
-            bytes_out=nbytes, sqlstate=sqlstate, database=self.database, username=self.user,
-            application_name=self.application_name, client_addr=self.client_addr,
-            backend_pid=self.backend.pid if self.backend else None, xact_id=self.xact_id,
-            in_transaction=self.txn_status != b"I", protocol="simple" if e.kind == F_QUERY else "extended",
-            stmt_index=e.done if e.kind == F_QUERY else None)
+            time.time() - (now - start), duration_us, wait_us, e.sql.decode("utf-8", "replace"),
+            P.command_tag_rows(cc) if cc else None, nbytes, sqlstate, self.database, self.user,
+            self.application_name, self.client_addr, self.backend.pid if self.backend else None, self.xact_id,
+            self.txn_status != b"I", "simple" if e.kind == F_QUERY else "extended", None, None, None, None,
+            e.done if e.kind == F_QUERY else None)
         if self.scorer is not None:
             self.scorer.submit(event)      # sets event.anomaly_score within milliseconds, before the log writes it
         if self.query_log is not None:
