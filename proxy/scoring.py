@@ -22,6 +22,7 @@ same arithmetic as proxy.features (tests/models/test_rows.py checks both give th
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import math
 import time
@@ -44,6 +45,9 @@ FLAG_CLASSES = ANOMALY_CLASSES + (UNUSUAL,)
 _PAR_IN_ROW = [(COL[n], PARAM_FEATURES.index(n)) for n in NAMES if n in PARAM_FEATURES]
 _C_DUR, _C_ROWS, _C_BYTES, _C_ERR = (COL[n] for n in ("ev_duration_log", "ev_rows_log", "ev_bytes_log", "ev_error"))
 _C_ZDUR, _C_ZROWS, _C_ZBYTES = (COL[n] for n in ("ev_z_duration", "ev_z_rows", "ev_z_bytes"))
+_C_VOLUME = [_C_DUR, _C_ROWS, _C_BYTES]           # log1p of (duration, rows, bytes), in the order of the facts
+_C_Z = [_C_ZDUR, _C_ZROWS, _C_ZBYTES]             # their robust z-scores against the template's history
+_S_P50, _S_MAD = [1, 4, 6], [3, 5, 7]             # where StatementRow.stats keeps their medians and MADs
 _C_RECENT = COL["ev_client_recent_errors"]
 _C_OVER_P95, _C_EXCESS = COL.get("ev_over_p95_log10"), COL.get("ev_excess_ms")
 _C_KNOWN = COL["hist_known"]
@@ -67,30 +71,35 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class StatementRow:
     """What a batch needs of one (template, normalized text, application, client): the row's fixed part."""
 
-    __slots__ = ("row", "fingerprint", "normalized", "template", "known", "p50", "p95", "mad", "rows_p50",
-                 "rows_mad", "bytes_p50", "bytes_mad", "app_known", "client_known", "app")
+    __slots__ = ("row", "fingerprint", "normalized", "template", "known", "stats", "app_known", "client_known",
+                 "app", "sender")
 
     def __init__(self, fingerprint: str, normalized: str, template, app_known: bool, client_known: bool,
-                 app: str):
+                 app: str, client: str):
         self.fingerprint = fingerprint
         self.normalized = normalized
         self.template = template
         self.app_known = app_known
         self.client_known = client_known
         self.app = app
+        self.sender = f"{client}|{app}"          # as ServingContext.observe names a sender
         self.row = transform_one({"sql": normalized, "parameters": None, "template": template,
                                   "application_name": app, "app_known": app_known, "client_known": client_known},
                                  KIND)
         t = template
         self.known = t is not None and bool(t.calls)
-        nan = math.nan
-        self.p50 = nan if not self.known or t.p50_us is None else float(t.p50_us)
-        self.p95 = float(t.p95_us or 0.0) if self.known else 0.0
-        self.mad = float(t.mad_log_us or 0.0) if self.known else 0.0
-        self.rows_p50 = nan if not self.known or t.rows_p50 is None else float(t.rows_p50)
-        self.rows_mad = float(t.rows_mad_log or 0.0) if self.known else 0.0
-        self.bytes_p50 = nan if not self.known or t.bytes_p50 is None else float(t.bytes_p50)
-        self.bytes_mad = float(t.bytes_mad_log or 0.0) if self.known else 0.0
+        if self.known:
+            nan = math.nan
+            self.stats = (1.0, nan if t.p50_us is None else float(t.p50_us), float(t.p95_us or 0.0),
+                          float(t.mad_log_us or 0.0), nan if t.rows_p50 is None else float(t.rows_p50),
+                          float(t.rows_mad_log or 0.0), nan if t.bytes_p50 is None else float(t.bytes_p50),
+                          float(t.bytes_mad_log or 0.0))
+        else:
+            self.stats = _UNKNOWN_STATS
+
+
+# (known, p50_us, p95_us, mad_log_us, rows_p50, rows_mad_log, bytes_p50, bytes_mad_log) of an unknown template
+_UNKNOWN_STATS = (0.0, math.nan, 0.0, 0.0, math.nan, 0.0, math.nan, 0.0)
 
 
 def _lg(v: np.ndarray) -> np.ndarray:
@@ -100,6 +109,19 @@ def _lg(v: np.ndarray) -> np.ndarray:
 def _robust_z(value: np.ndarray, p50: np.ndarray, mad: np.ndarray) -> np.ndarray:
     z = (_lg(value) - _lg(p50)) / (1.4826 * np.maximum(mad, _MAD_FLOOR))
     return np.where(np.isnan(p50), 0.0, np.clip(z, -_Z_CLIP, _Z_CLIP))
+
+
+def _runner(model):
+    """model.run (proxy.models.LoadedModel) with the session's input and output looked up once, not per batch."""
+    session, feed, output = model.session, model.input_name, [model.output_name]
+    column = model.metadata.get("output_column")
+
+    def run(X: np.ndarray) -> np.ndarray:
+        out = np.asarray(session.run(output, {feed: X})[0])
+        if out.ndim == 2 and out.shape[1] > 1 and column is not None:
+            out = out[:, int(column)]
+        return out.reshape(len(X), -1)[:, 0].astype(np.float64)
+    return run
 
 
 class AnomalyFlag:
@@ -138,6 +160,7 @@ class AnomalyScorer:
         self.queue_size = cfg.queue_size
         self.model = None
         self.context = None
+        self._run = None
         self.sinks: list = []                        # objects with offer(flag): alert sinks, never blocking
         self.on_template = None                      # callable(fingerprint, normalized, params) on first sight
         self.recent: deque[AnomalyFlag] = deque(maxlen=cfg.recent_flags)
@@ -156,7 +179,7 @@ class AnomalyScorer:
         self.log_suppressed = 0
         self.batches = 0
         self.busy_seconds = 0.0
-        self.delay_counts = [0] * (len(DELAY_BUCKETS) + 1)
+        self.delay_counts = np.zeros(len(DELAY_BUCKETS) + 1, dtype=np.int64)
         self.delay_sum = 0.0
         self.batch_counts = [0] * (len(BATCH_BUCKETS) + 1)
         self.batch_sum = 0
@@ -167,6 +190,7 @@ class AnomalyScorer:
         """Serve this anomaly model (None: back to the rules); its serving context comes with it."""
         self.model = model
         self.context = model.context if model is not None else None
+        self._run = _runner(model) if model is not None else None
         self._static.clear()
 
     @property
@@ -226,19 +250,14 @@ class AnomalyScorer:
 
     def rows_for(self, events: list) -> tuple[np.ndarray, list[StatementRow]]:
         """The anomaly feature rows of finished statements, and their fixed parts (stateful: recent errors)."""
-        n = len(events)
         ctx = self.context
-        errors = ctx.recent_errors if ctx is not None else self._errors
+        observe = (ctx.recent_errors if ctx is not None else self._errors).observe
         analyze = self.analyzer.analyze
         static = self._static
         parts: list[StatementRow] = []
-        dur = np.empty(n)
-        rows = np.empty(n)
-        nbytes = np.empty(n)
-        err = np.empty(n)
-        recent = np.empty(n)
-        params: list = [None] * n if self.with_parameters else None
-        for i, ev in enumerate(events):
+        facts: list[tuple] = []                   # (duration, rows, bytes, error, recent errors) per statement
+        params: list | None = [] if self.with_parameters else None
+        for ev in events:
             info = analyze(ev.sql)
             stmts = info.statements
             idx = ev.stmt_index
@@ -248,42 +267,36 @@ class AnomalyScorer:
                 s = stmts[idx]
             else:
                 s = info
-            app = ev.application_name or ""
-            client = ev.client_addr or ""
-            key = (s.fingerprint, s.normalized, app, client)
+            key = (s.fingerprint, s.normalized, ev.application_name or "", ev.client_addr or "")
             part = static.get(key)
             if part is None:
                 part = self._static_row(key, s)
             parts.append(part)
-            dur[i] = ev.duration_us
-            rows[i] = ev.rows or 0
-            nbytes[i] = ev.bytes_out or 0
             failed = ev.sqlstate is not None
-            err[i] = failed
-            recent[i] = errors.observe(f"{client}|{app}", float(ev.ts or 0.0), failed)
+            facts.append((ev.duration_us, ev.rows or 0, ev.bytes_out or 0, failed,
+                          observe(part.sender, float(ev.ts or 0.0), failed)))
             if params is not None:
-                params[i] = self._parameters(ev, info, stmts, idx)
+                params.append(self._parameters(ev, info, stmts, idx))
+        if not parts:
+            return np.zeros((0, len(NAMES)), np.float32), parts
+        F = np.array(facts, dtype=np.float64)
+        dur, rows, nbytes = F[:, 0], F[:, 1], F[:, 2]
         if not BATCHED:
-            return self._exact_rows(events, parts, dur, rows, nbytes, recent, params), parts
-        X = np.stack([p.row for p in parts]) if parts else np.zeros((0, len(NAMES)), np.float32)
-        X[:, _C_DUR] = _lg(dur)
-        X[:, _C_ROWS] = _lg(rows)
-        X[:, _C_BYTES] = _lg(nbytes)
-        X[:, _C_ERR] = err
-        X[:, _C_RECENT] = recent
+            return self._exact_rows(events, parts, dur, rows, nbytes, F[:, 4], params), parts
+        X = np.stack([p.row for p in parts])
+        X[:, _C_VOLUME] = _lg(F[:, :3])
+        X[:, _C_ERR] = F[:, 3]
+        X[:, _C_RECENT] = F[:, 4]
         if any(p.known for p in parts):
-            X[:, _C_ZDUR] = _robust_z(dur, np.array([p.p50 for p in parts]), np.array([p.mad for p in parts]))
-            X[:, _C_ZROWS] = _robust_z(rows, np.array([p.rows_p50 for p in parts]),
-                                       np.array([p.rows_mad for p in parts]))
-            X[:, _C_ZBYTES] = _robust_z(nbytes, np.array([p.bytes_p50 for p in parts]),
-                                        np.array([p.bytes_mad for p in parts]))
-            known = np.array([p.known for p in parts]) & (dur != 0)
+            S = np.array([p.stats for p in parts], dtype=np.float64)
+            X[:, _C_Z] = _robust_z(F[:, :3], S[:, _S_P50], S[:, _S_MAD])
+            known = (S[:, 0] > 0) & (dur != 0)
             if _C_OVER_P95 is not None:
-                p95 = np.maximum(np.array([p.p95 for p in parts]), 1.0)
-                X[:, _C_OVER_P95] = np.where(known, np.log10(np.maximum(dur, 1e-3) / p95), 0.0)
+                X[:, _C_OVER_P95] = np.where(known, np.log10(np.maximum(dur, 1e-3) / np.maximum(S[:, 2], 1.0)), 0.0)
             if _C_EXCESS is not None:
-                p50 = np.nan_to_num(np.array([p.p50 for p in parts]), nan=0.0)
-                X[:, _C_EXCESS] = np.where(known, (dur - p50) / 1000.0, 0.0)
+                p50 = S[:, 1]
+                X[:, _C_EXCESS] = np.where(known & ~np.isnan(p50), (dur - p50) / 1000.0, np.where(known, dur / 1000.0,
+                                                                                                      0.0))
         if params is not None:
             for i, values in enumerate(params):
                 if values is not None:
@@ -307,9 +320,9 @@ class AnomalyScorer:
         ctx = self.context
         if ctx is not None:
             part = StatementRow(fingerprint, normalized, ctx.established(fingerprint), app in ctx.apps,
-                                client in ctx.clients, app)
+                                client in ctx.clients, app, client)
         else:
-            part = StatementRow(fingerprint, normalized, None, False, False, app)
+            part = StatementRow(fingerprint, normalized, None, False, False, app, client)
         if len(self._static) >= _STATIC_LIMIT:
             self._static.clear()
         self._static[key] = part
@@ -342,7 +355,7 @@ class AnomalyScorer:
         X, parts = self.rows_for(events)
         model = self.model
         if model is not None:
-            scores = model.run(X)
+            scores = self._run(X)
             signals = None
         else:
             signals = self._rule_signals(X)
@@ -379,13 +392,11 @@ class AnomalyScorer:
         self.batches += 1
         n = len(events)
         self.batch_sum += n
-        self.batch_counts[int(np.searchsorted(BATCH_BUCKETS, n))] += 1
+        self.batch_counts[bisect.bisect_left(BATCH_BUCKETS, n)] += 1
         now = time.time()
-        completed = np.fromiter((ev.ts + ev.duration_us / 1e6 for ev in events), float, n)
-        delays = np.maximum(now - completed, 0.0)
+        delays = now - np.array([ev.ts + ev.duration_us * 1e-6 for ev in events])
         self.delay_sum += float(delays.sum())
-        for b, c in zip(*np.unique(np.searchsorted(DELAY_BUCKETS, delays), return_counts=True)):
-            self.delay_counts[int(b)] += int(c)
+        self.delay_counts += np.bincount(np.searchsorted(DELAY_BUCKETS, delays), minlength=len(DELAY_BUCKETS) + 1)
 
     # ---------------------------------------------------------------- flags
 

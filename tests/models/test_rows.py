@@ -22,6 +22,8 @@ TEXTS = (KNOWN, OTHER, "SELECT id FROM customers WHERE name = '' OR 'a'='a'",
 class LoadedStub:
     """What the scorer needs of a served model: a serving context and metadata (rows_for runs no model)."""
 
+    session, input_name, output_name = None, "features", "variable"
+
     def __init__(self, context):
         self.context = context
         self.metadata = {}

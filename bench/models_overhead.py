@@ -1,0 +1,274 @@
+"""What the learner's models cost inside the proxy: pgbench -S through pgpilot with anomaly scoring and learned cache
+admission on, against the same proxy with both off, side by side.
+
+    python -m bench.models_overhead [--rounds 3] [--duration 10] [--clients 16] [--no-cache] [--json out.json] [--quick]
+
+One private PostgreSQL cluster (fsync off) gets `pgbench -i -s <scale>`. Its traffic (pgbench -S and -N through a
+logging proxy for a few seconds) is the log the learner's anomaly step trains on (learning.pipeline, exported to
+ONNX and promoted in a registry). The cache model is a stand-in that declines the pgbench read, as the learner's
+cache simulator decides for random keys that are never read twice before eviction (its own cache step skips a
+log whose labels are all "does not pay").
+
+Two proxies run in front of the cluster, identical (transaction pooling, query log off, result cache on unless
+--no-cache) except that `off` has anomaly scoring and model loading disabled, and `on` serves the registry:
+every statement scored by the anomaly model, fills admitted by the cache model. For each round,
+`pgbench -S -c <clients> -T <duration>` runs against off then on (A B A B ...). The table shows the median TPS
+of each, the median of the per-round ratios on/off, the proxy process CPU per transaction (psutil), the
+scorer's own CPU per scored statement (from pgpilot_anomaly_scoring_cpu_seconds / pgpilot_anomaly_scored), the
+mean batch size, and the share of statements scored (and, when flagged, flagged) within 100 ms of completion.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+from tests.ops.helpers import metric_samples
+from tests.support.proxy import ProxyProcess, upstream_entry
+from tests.support.services import PgCluster
+
+DBNAME = "bench"
+TARGETS = ("off", "on")
+PGBENCH_SELECT = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+
+
+@dataclass
+class Run:
+    round: int
+    target: str
+    tps: float | None
+    transactions: int
+    failed: int
+    cpu_us_per_tx: float | None
+    scored: int = 0
+    scoring_us_per_statement: float | None = None
+    mean_batch: float | None = None
+    scored_within_100ms: float | None = None
+    delay_p99_ms: float | None = None
+    flags: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Summary:
+    tps: dict = field(default_factory=dict)
+    cpu_us_per_tx: dict = field(default_factory=dict)
+    ratio_on_off: float | None = None
+    scoring_us_per_statement: float | None = None
+    mean_batch: float | None = None
+    scored_within_100ms: float | None = None
+    delay_p99_ms: float | None = None
+    failed: int = 0
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pgbench(host: str, port: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["pgbench", "-h", host, "-p", str(port), "-U", "postgres", *args, DBNAME],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train_models(cluster: PgCluster, model_dir: Path, seconds: float) -> dict:
+    """The learner's anomaly model from logged pgbench traffic, and the stand-in cache model; returns their shas."""
+    import psycopg
+
+    from learning.export import export_onnx
+    from learning.logdata import load_log, time_split
+    from learning.pipeline import LearnSettings, train_anomaly_model
+    from learning.registry import Registry
+    from proxy.analysis import analyze
+    from proxy.config import LearningConfig
+    from proxy.features import ServingContext, TemplateStats, transform_many
+    dsn = cluster.dsn_for(DBNAME)
+    recorder = ProxyProcess({"databases": {DBNAME: upstream_entry(cluster, DBNAME)},
+                             "query_log": {"enabled": True, "flush_interval": 0.2},
+                             "anomaly": {"enabled": False}, "models": {"enabled": False}}).start()
+    try:
+        for script in ("-S", "-N"):
+            pgbench(recorder.host, recorder.port, "-n", script, "-c", "4", "-j", "2", "-T", str(seconds))
+    finally:
+        recorder.stop()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        event_log = load_log(conn)
+    log(f"training the anomaly model on {len(event_log):,} logged statements")
+    train, test = time_split(event_log, 0.2)
+    registry = Registry(model_dir)
+    anomaly = train_anomaly_model(LearnSettings(dsn, str(model_dir), LearningConfig(model_dir=str(model_dir))),
+                                  registry, event_log, train, test, {}, labels={})
+    log(f"anomaly model {anomaly['registry']['sha256'][:12]}: {anomaly['headline']}")
+    from sklearn.tree import DecisionTreeClassifier
+    select = analyze(PGBENCH_SELECT)
+    stats = {select.fingerprint: TemplateStats(calls=100_000, calls_per_hour=1e6, p50_us=60, mean_us=70,
+                                               rows_p50=1, bytes_p50=40, write_rate=3e5, key_ratio=1.0)}
+    X = transform_many([{"sql": select.normalized, "template": stats[select.fingerprint]},
+                        {"sql": "SELECT count(*) FROM pgbench_branches", "template": None}], "cache")
+    model = DecisionTreeClassifier(random_state=0).fit(X, [0, 1])
+    sha = registry.add(export_onnx(model, "cache", algorithm="stand-in", metrics={}, training_window={},
+                                   extra={"admit_at": 0.5}), {"kind": "cache"}, ServingContext(stats).to_json())
+    registry.promote("cache", sha, metric="db_time_saved_s", score=0.0, champion_score=None, higher_is_better=True)
+    return {"anomaly": anomaly["registry"]["sha256"], "cache": sha}
+
+
+def scorer_counters(proxy: ProxyProcess) -> dict:
+    s = metric_samples(proxy)
+    delays = sorted((float(dict(labels)["le"]), v) for (name, labels), v in s.items()
+                    if name == "pgpilot_anomaly_scoring_delay_seconds_bucket")
+    return {"scored": s.get(("pgpilot_anomaly_scored_total", (("source", "model"),)), 0.0),
+            "busy": s.get(("pgpilot_anomaly_scoring_cpu_seconds_total", ()), 0.0),
+            "batches": s.get(("pgpilot_anomaly_batch_size_count", ()), 0.0),
+            "batch_sum": s.get(("pgpilot_anomaly_batch_size_sum", ()), 0.0),
+            "flags": sum(v for (name, _), v in s.items() if name == "pgpilot_anomaly_flags_total"),
+            "delays": delays}
+
+
+def delay_stats(before: dict, after: dict) -> tuple[float | None, float | None]:
+    """(share within 100 ms, p99 in ms by bucket upper bound) of the statements scored between two scrapes."""
+    diff = [(le, a - b) for (le, a), (_, b) in zip(after["delays"], before["delays"])] if before["delays"] else \
+        after["delays"]
+    total = diff[-1][1] if diff else 0
+    if not total:
+        return None, None
+    within = next((n for le, n in diff if le >= 0.1), total) / total
+    p99 = next((le for le, n in diff if n >= 0.99 * total), math.inf)
+    return within, p99 * 1000
+
+
+def run_once(n: int, target: str, proxy: ProxyProcess, clients: int, duration: float, protocol: str) -> Run:
+    proc = psutil.Process(proxy.proc.pid)
+    before_cpu = sum(proc.cpu_times()[:2])
+    before = scorer_counters(proxy) if target == "on" else None
+    out = pgbench(proxy.host, proxy.port, "-n", "-S", "-M", protocol, "-c", str(clients), "-j", "2",
+                  "-T", str(duration))
+    cpu = sum(proc.cpu_times()[:2]) - before_cpu
+    text = out.stdout
+    m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", text)
+    tx = int(re.search(r"actually processed: (\d+)", text).group(1)) if "actually processed" in text else 0
+    failed = re.search(r"number of failed transactions: (\d+)", text)
+    run = Run(n, target, float(m.group(1)) if m and out.returncode == 0 else None, tx,
+              int(failed.group(1)) if failed else 0, cpu / tx * 1e6 if tx else None,
+              error=None if out.returncode == 0 else (out.stderr.strip().splitlines() or ["?"])[-1])
+    if target == "on":
+        time.sleep(0.2)   # the last batch of the run is scored
+        after = scorer_counters(proxy)
+        scored = after["scored"] - before["scored"]
+        run.scored = int(scored)
+        run.scoring_us_per_statement = (after["busy"] - before["busy"]) / scored * 1e6 if scored else None
+        batches = after["batches"] - before["batches"]
+        run.mean_batch = (after["batch_sum"] - before["batch_sum"]) / batches if batches else None
+        run.scored_within_100ms, run.delay_p99_ms = delay_stats(before, after)
+        run.flags = int(after["flags"] - before["flags"])
+    return run
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: list[Run]) -> Summary:
+    s = Summary()
+    for t in TARGETS:
+        s.tps[t] = median(r.tps for r in runs if r.target == t)
+        s.cpu_us_per_tx[t] = median(r.cpu_us_per_tx for r in runs if r.target == t)
+    ratios = []
+    for n in sorted({r.round for r in runs}):
+        one = {r.target: r for r in runs if r.round == n}
+        if all(one.get(t) and one[t].tps for t in TARGETS):
+            ratios.append(one["on"].tps / one["off"].tps)
+    s.ratio_on_off = median(ratios)
+    on = [r for r in runs if r.target == "on"]
+    s.scoring_us_per_statement = median(r.scoring_us_per_statement for r in on)
+    s.mean_batch = median(r.mean_batch for r in on)
+    s.scored_within_100ms = median(r.scored_within_100ms for r in on)
+    s.delay_p99_ms = max((r.delay_p99_ms for r in on if r.delay_p99_ms is not None), default=None)
+    s.failed = sum(r.failed for r in runs)
+    return s
+
+
+def fmt(v, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(runs: list[Run], s: Summary, clients: int, protocol: str, cache: bool) -> None:
+    print(f"\npgbench -S -M {protocol} -c {clients}, result cache {'on' if cache else 'off'} in both")
+    print(f"{'round':>5} {'target':<6} {'TPS':>8} {'cpu us/tx':>9} {'scoring us/stmt':>15} {'batch':>6} "
+          f"{'<=100ms':>7} {'flags':>6}")
+    for r in runs:
+        print(f"{r.round:>5} {r.target:<6} {fmt(r.tps):>8} {fmt(r.cpu_us_per_tx, '.1f'):>9} "
+              f"{fmt(r.scoring_us_per_statement, '.2f'):>15} {fmt(r.mean_batch, '.1f'):>6} "
+              f"{fmt(None if r.scored_within_100ms is None else 100 * r.scored_within_100ms, '.2f'):>7} "
+              f"{r.flags if r.target == 'on' else '':>6}" + (f"  {r.error}" if r.error else ""))
+    print(f"\nmedian TPS off {fmt(s.tps['off'])}, on {fmt(s.tps['on'])}; on/off (median of per-round ratios) "
+          f"{fmt(s.ratio_on_off, '.3f')}")
+    print(f"proxy CPU per transaction: off {fmt(s.cpu_us_per_tx['off'], '.1f')} us, on "
+          f"{fmt(s.cpu_us_per_tx['on'], '.1f')} us; scorer CPU per statement {fmt(s.scoring_us_per_statement, '.2f')} "
+          f"us (mean batch {fmt(s.mean_batch, '.1f')})")
+    print(f"statements scored within 100 ms of completion: "
+          f"{fmt(None if s.scored_within_100ms is None else 100 * s.scored_within_100ms, '.3f')}% "
+          f"(p99 <= {fmt(s.delay_p99_ms, '.1f')} ms); failed transactions: {s.failed}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.models_overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=10, help="seconds per pgbench run")
+    parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--protocol", default="simple", choices=("simple", "extended", "prepared"))
+    parser.add_argument("--pool-size", type=int, default=20)
+    parser.add_argument("--train-seconds", type=float, default=5, help="pgbench traffic logged for training")
+    parser.add_argument("--no-cache", action="store_true", help="result cache off in both (no admission at all)")
+    parser.add_argument("--json", help="write every run and the summary here")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.scale, args.clients, args.train_seconds = 1, 2, 1, 4, 2
+    duration = int(args.duration) if float(args.duration).is_integer() else args.duration
+    cluster = PgCluster().start()
+    proxies: list[ProxyProcess] = []
+    try:
+        cluster.psql(f"CREATE DATABASE {DBNAME}")
+        log(f"pgbench -i -s {args.scale}")
+        subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", cluster.host, "-p", str(cluster.port),
+                        "-U", "postgres", DBNAME], check=True, capture_output=True)
+        model_dir = Path(tempfile.mkdtemp(prefix="pgpilot-bench-models-"))
+        shas = train_models(cluster, model_dir, args.train_seconds)
+        common = {"databases": {DBNAME: upstream_entry(cluster, DBNAME)}, "pool_size": args.pool_size,
+                  "log_connections": False, "learning": {"model_dir": str(model_dir)},
+                  "cache": {"enabled": not args.no_cache}}
+        off = ProxyProcess({**common, "anomaly": {"enabled": False}, "models": {"enabled": False}}).start()
+        on = ProxyProcess(common).start()
+        proxies += [off, on]
+        runs: list[Run] = []
+        for n in range(1, args.rounds + 1):
+            for target, proxy in (("off", off), ("on", on)):
+                run = run_once(n, target, proxy, args.clients, duration, args.protocol)
+                runs.append(run)
+                log(f"round {n}/{args.rounds} {target}: {fmt(run.tps)} TPS"
+                    + (f", scorer {fmt(run.scoring_us_per_statement, '.2f')} us/statement" if target == "on" else ""))
+        summary = summarize(runs)
+        print_table(runs, summary, args.clients, args.protocol, not args.no_cache)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"config": vars(args), "models": shas, "runs": [asdict(r) for r in runs],
+                                                   "summary": asdict(summary)}, indent=2))
+        return 0
+    finally:
+        for p in proxies:
+            p.stop()
+        cluster.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
