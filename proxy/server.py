@@ -412,7 +412,7 @@ class ProxyServer:
         for name in [n for n in self.pools if n not in new.databases]:
             self.retired_pools[name] = self.pools.pop(name)
             log.info("database %s removed: new clients are refused, connected ones carry on", name)
-        for key in ("listen", "query_log", "cache"):
+        for key in ("listen", "query_log", "cache", "models", "anomaly"):
             if getattr(old, key) != getattr(new, key):
                 log.warning("%s changed: takes effect at the next restart", key)
         self.admin = self.console if new.admin.database else None

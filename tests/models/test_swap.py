@@ -148,3 +148,21 @@ def test_without_a_model_the_rules_flag_injections(pg, fresh_db, proxy_factory, 
     flags = wait_for(lambda: admin_rows(proxy, "SHOW ANOMALIES"), what="a flag")
     assert [(f["class"], f["model"]) for f in flags] == [("injection", "rules")]
     assert models_row(proxy)["sha256"] is None
+
+
+def test_a_message_on_the_redis_channel_loads_a_new_champion_at_once(pg, pgbench_models, proxy_factory,
+                                                                     redis_server):
+    import redis
+    dbname, model_dir, shas = pgbench_models
+    proxy = proxy_factory(dbname, learning={"model_dir": str(model_dir)},
+                          models={"poll_interval": 3600}, cache={"redis_url": redis_server.url, "key_prefix": "swap:"})
+    assert models_row(proxy)["sha256"] == shas[0][:12]
+    pointer = json.loads((model_dir / "champions" / "anomaly.json").read_text())
+    write_pointer(model_dir, "anomaly", {**pointer, "sha256": shas[1]})
+    try:
+        client = redis.Redis.from_url(redis_server.url)
+        # the subscription is made in the background after the proxy started listening: publish until heard
+        wait_for(lambda: client.publish("swap:models", "anomaly") and models_row(proxy)["sha256"] == shas[1][:12],
+                 what="the new champion, long before the next poll")
+    finally:
+        write_pointer(model_dir, "anomaly", pointer)
