@@ -1011,6 +1011,9 @@ class ClientSession(asyncio.Protocol):
                 e = pending[0] if pending else None
                 if capture is not None:
                     capture = self._capture = None
+                if self._setting_changes:
+                    # An error rolls back the (implicit or explicit) transaction the SETs were made in.
+                    self._rolled_back = True
                 if e is None:
                     out.append(raw)
                     continue
@@ -1157,7 +1160,8 @@ class ClientSession(asyncio.Protocol):
         self._cache_ctx = None
 
     def _settings_sql(self) -> str:
-        parts = ["RESET ALL"]
+        # RESET ALL leaves role and session_authorization alone (GUC_NO_RESET_ALL): reset them first.
+        parts = ["SET SESSION AUTHORIZATION DEFAULT", "RESET ROLE", "RESET ALL"]
         for k, v in sorted(self.startup_settings.items()):
             parts.append('SET "%s" TO \'%s\'' % (k.replace('"', '""'), v.replace("'", "''")))
         parts.extend(self.session_settings.values())
