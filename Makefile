@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := postgresql-15 postgresql-contrib-15 postgresql-15-hypopg redis-server pgbouncer prometheus time
+DEB_PACKAGES := postgresql-15 postgresql-15-hypopg redis-server pgbouncer prometheus time
 PYTEST_ARGS ?=
 
 .PHONY: test demo bench deps system-deps venv clean lint
