@@ -12,9 +12,20 @@ import uuid
 import psycopg
 import pytest
 
-from tests.cache_e2e.conftest import cache_stats, connect, hits, until_hit
+from tests.cache_e2e.conftest import cache_stats, connect, hits, proxy_config, until_hit, wait_serving
+from tests.support.proxy import ProxyProcess
 
 READ = "SELECT v FROM secret WHERE id = 1"
+
+
+@pytest.fixture(scope="module")
+def module_proxy(pg, redis_server, module_db):
+    """A caching proxy with one backend: every client of the module shares it, as clients share backends under
+    load, so whatever one role's session leaves on it is met by the next client."""
+    proxy = ProxyProcess(proxy_config(pg, module_db, redis_server.url, pool_size=1)).start()
+    wait_serving(proxy)
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture(scope="module")

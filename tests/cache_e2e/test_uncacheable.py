@@ -154,3 +154,19 @@ def test_timezone_gives_the_same_text_separate_entries(module_proxy, schema):
     assert (utc, tokyo_first, tokyo, utc_again) == (
         "2024-01-01 12:00:00+00", "2024-01-01 21:00:00+09", "2024-01-01 21:00:00+09", "2024-01-01 12:00:00+00")
     assert utc_again_was_hit
+
+
+def test_reads_inside_an_explicit_transaction_go_to_postgres(module_proxy, schema):
+    with connect(module_proxy, schema) as conn:
+        read = lambda: conn.execute("SELECT v FROM items WHERE id = 2").fetchone()[0]      # noqa: E731
+        cached = until_hit(module_proxy, read)
+        before = hits(module_proxy)
+        with conn.transaction():
+            inside = [read() for _ in range(3)]
+            conn.execute("UPDATE items SET v = 22 WHERE id = 2")
+            own_write = read()
+        hits_inside = hits(module_proxy) - before
+        after_commit = read()
+        conn.execute("UPDATE items SET v = 20 WHERE id = 2")
+    assert (cached, inside, own_write, after_commit) == (20, [20, 20, 20], 22, 22)
+    assert hits_inside == 0
