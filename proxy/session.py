@@ -16,6 +16,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+import pglast.parser
+
 from proxy import protocol as P
 from proxy.effects import Effect, effects_of
 from proxy.pool import BackendConnection, Pool, UpstreamError
@@ -95,6 +97,26 @@ class CacheRequest:
 
 _BYPASS = object()   # the lookup said to go to Postgres without filling
 _CACHE_BLIND_PINS = frozenset(("temporary table", "set_config()", "LOAD"))
+
+
+_parse_checked: dict[bytes, bool] = {}
+
+
+def _parses(raw: bytes) -> bool:
+    """Whether a Parse message's query text is valid SQL syntax (pglast, cached per text)."""
+    name_end = raw.index(b"\0", 5)
+    sql = raw[name_end + 1:raw.index(b"\0", name_end + 1)]
+    ok = _parse_checked.get(sql)
+    if ok is None:
+        try:
+            pglast.parser.parse_sql_json(sql.decode("utf-8", "replace"))
+            ok = True
+        except Exception:
+            ok = False
+        if len(_parse_checked) >= 10_000:
+            _parse_checked.clear()
+        _parse_checked[sql] = ok
+    return ok
 
 
 class StatementNames:
@@ -469,9 +491,10 @@ class ClientSession(asyncio.Protocol):
                     if self._try_cache(items, i - 1, be, out, cout):
                         return
             if be is None:
-                if t == F_PARSE and raw[5] != 0:
-                    # A named Parse outside a transaction is only remembered: it is prepared on whichever
-                    # backend first needs it, so a synchronous prepare never waits for a busy pool.
+                if t == F_PARSE and raw[5] != 0 and _parses(raw):
+                    # A named Parse of valid syntax outside a transaction is only remembered: it is prepared on
+                    # whichever backend first needs it, so a synchronous prepare never waits for a busy pool.
+                    # Text that does not parse goes to Postgres, which reports the error at Parse as usual.
                     self._parse_named(raw, None, cout)
                     continue
                 self._flush(be, out, cout)
@@ -600,7 +623,9 @@ class ClientSession(asyncio.Protocol):
             self._answer(P.PARSE_COMPLETE, cout)
         else:
             be.prepared.add(server_name)
-            self.pending.append(Pending(F_PARSE, server_name=server_name))
+            entry = Pending(F_PARSE, server_name=server_name)
+            entry.params = name     # forgotten again if Postgres refuses the Parse
+            self.pending.append(entry)
             out.append(P.parse(server_name, body))
 
     def _ensure_prepared(self, be: BackendConnection, entry: tuple, out: list) -> bytes:
@@ -1030,12 +1055,9 @@ class ClientSession(asyncio.Protocol):
                 pending.popleft()
                 if e.kind == F_EXECUTE:
                     self._statement_done(e, None, P.error_sqlstate(raw), out)
-                if e.server_name is not None:
-                    be.prepared.discard(e.server_name)
+                self._parse_failed(be, e)
                 while pending and pending[0].kind != F_SYNC:
-                    d = pending.popleft()
-                    if d.server_name is not None:
-                        be.prepared.discard(d.server_name)
+                    self._parse_failed(be, pending.popleft())
                 out.append(raw)
             elif t == B_PARAMETER_STATUS:
                 name, pos = P.read_cstring(raw, 5)
@@ -1102,6 +1124,13 @@ class ClientSession(asyncio.Protocol):
             self.backend = None
             be.owner = None
             self.pool.release(be)
+
+    def _parse_failed(self, be: BackendConnection, e: Pending) -> None:
+        """A Parse that failed, or was skipped after an error, prepared nothing: forget its names."""
+        if e.server_name is not None:
+            be.prepared.discard(e.server_name)
+            if e.params is not None and self.stmts.get(e.params, (None,))[0] == e.server_name:
+                del self.stmts[e.params]
 
     def _ready_for_query(self, status: bytes) -> None:
         self.txn_status = status
