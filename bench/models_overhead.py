@@ -1,7 +1,8 @@
 """What the learner's models cost inside the proxy: pgbench -S through pgpilot with anomaly scoring and learned cache
 admission on, against the same proxy with both off, side by side.
 
-    python -m bench.models_overhead [--rounds 3] [--duration 10] [--clients 16] [--no-cache] [--json out.json] [--quick]
+    python -m bench.models_overhead [--rounds 3] [--duration 10] [--clients 16] [--no-cache] [--query-log]
+                                    [--json out.json] [--quick]
 
 One private PostgreSQL cluster (fsync off) gets `pgbench -i -s <scale>`. Its traffic (pgbench -S and -N through a
 logging proxy for a few seconds) is the log the learner's anomaly step trains on (learning.pipeline, exported to
@@ -9,8 +10,8 @@ ONNX and promoted in a registry). The cache model is a stand-in that declines th
 cache simulator decides for random keys that are never read twice before eviction (its own cache step skips a
 log whose labels are all "does not pay").
 
-Two proxies run in front of the cluster, identical (transaction pooling, query log off, result cache on unless
---no-cache) except that `off` has anomaly scoring and model loading disabled, and `on` serves the registry:
+Two proxies run in front of the cluster, identical (transaction pooling, query log off unless --query-log,
+result cache on unless --no-cache) except that `off` has anomaly scoring and model loading disabled, and `on` serves the registry:
 every statement scored by the anomaly model, fills admitted by the cache model. For each round,
 `pgbench -S -c <clients> -T <duration>` runs against off then on (A B A B ...). The table shows the median TPS
 of each, the median of the per-round ratios on/off, the proxy process CPU per transaction (psutil), the
@@ -201,8 +202,9 @@ def fmt(v, spec: str = ".0f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def print_table(runs: list[Run], s: Summary, clients: int, protocol: str, cache: bool) -> None:
-    print(f"\npgbench -S -M {protocol} -c {clients}, result cache {'on' if cache else 'off'} in both")
+def print_table(runs: list[Run], s: Summary, clients: int, protocol: str, cache: bool, query_log: bool) -> None:
+    print(f"\npgbench -S -M {protocol} -c {clients}, result cache {'on' if cache else 'off'}, query log "
+          f"{'on' if query_log else 'off'} in both")
     print(f"{'round':>5} {'target':<6} {'TPS':>8} {'cpu us/tx':>9} {'scoring us/stmt':>15} {'batch':>6} "
           f"{'<=100ms':>7} {'flags':>6}")
     for r in runs:
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--train-seconds", type=float, default=5, help="pgbench traffic logged for training")
     parser.add_argument("--no-cache", action="store_true", help="result cache off in both (no admission at all)")
+    parser.add_argument("--query-log", action="store_true", help="query log on in both (the product's default)")
     parser.add_argument("--json", help="write every run and the summary here")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     args = parser.parse_args(argv)
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         shas = train_models(cluster, model_dir, args.train_seconds)
         common = {"databases": {DBNAME: upstream_entry(cluster, DBNAME)}, "pool_size": args.pool_size,
                   "log_connections": False, "learning": {"model_dir": str(model_dir)},
-                  "cache": {"enabled": not args.no_cache}}
+                  "cache": {"enabled": not args.no_cache}, "query_log": {"enabled": args.query_log}}
         off = ProxyProcess({**common, "anomaly": {"enabled": False}, "models": {"enabled": False}}).start()
         on = ProxyProcess(common).start()
         proxies += [off, on]
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"round {n}/{args.rounds} {target}: {fmt(run.tps)} TPS"
                     + (f", scorer {fmt(run.scoring_us_per_statement, '.2f')} us/statement" if target == "on" else ""))
         summary = summarize(runs)
-        print_table(runs, summary, args.clients, args.protocol, not args.no_cache)
+        print_table(runs, summary, args.clients, args.protocol, not args.no_cache, args.query_log)
         if args.json:
             Path(args.json).write_text(json.dumps({"config": vars(args), "models": shas, "runs": [asdict(r) for r in runs],
                                                    "summary": asdict(summary)}, indent=2))

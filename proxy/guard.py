@@ -54,8 +54,11 @@ class StatementGuard:
         if raw[0] == _Q:
             text = raw[5:-1]
         elif raw[0] == _P:
-            start = raw.index(0, 5) + 1
-            text = raw[start:raw.index(0, start)]
+            start = raw.find(0, 5) + 1
+            end = raw.find(0, start) if start else -1
+            if end < 0:
+                return None      # a malformed Parse: the session refuses it with 08P01 on its own
+            text = raw[start:end]
         else:
             return None
         verdict = self._by_raw.get(text)

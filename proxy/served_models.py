@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from proxy.admin import BOOL, FLOAT8, INT8, TEXT, TIMESTAMPTZ, AdminError, AdminRequest, Result
-from proxy.analysis import Analyzer
+from proxy.analysis import Analyzer, literal_key
 from proxy.features import transform_one
 from proxy.modelwatch import ModelWatcher
 from proxy.scoring import BATCH_BUCKETS, DELAY_BUCKETS, FLAG_CLASSES, AnomalyScorer
@@ -57,7 +57,9 @@ class LearnedAdmission:
     A template is scored once, in the background, from the same features the learner trained on (statement
     shape plus the template's statistics in the model's serving context), and again whenever a new model or
     context comes into service. Until then, for templates the learner has no statistics of, and while no
-    model is in service, the heuristic policy decides. Implements proxy.cache.admission.AdmissionPolicy.
+    model is in service, the heuristic policy decides. The cache names a template by its SQL text, which for
+    simple-protocol clients carries the literal values; decisions are kept by the text with its constants
+    stripped, so one decision serves every value. Implements proxy.cache.admission.AdmissionPolicy.
     """
 
     def __init__(self, fallback, analyzer: Analyzer, max_templates: int = 10_000):
@@ -67,24 +69,26 @@ class LearnedAdmission:
         self.model = None
         self.context = None
         self.admit_at = 0.5
-        self._by_text: dict[str, AdmissionDecision | None] = {}   # None: the heuristic decides this template
+        self._by_key: dict[str, AdmissionDecision | None] = {}   # None: the heuristic decides this template
         self._by_fingerprint: dict[str, AdmissionDecision] = {}
-        self._pending: dict[str, None] = {}
+        self._pending: dict[str, str] = {}                        # stripped text -> one of its texts
         self.decisions: Counter[tuple[str, bool]] = Counter()     # (model | heuristic, admitted)
 
     def use_model(self, model) -> None:
         self.model = model
         self.context = model.context if model is not None else None
         self.admit_at = float(model.metadata.get("admit_at", 0.5)) if model is not None else 0.5
-        self._by_text.clear()
+        self._by_key.clear()
         self._by_fingerprint.clear()
         self._pending.clear()
 
     def admit(self, stats) -> bool:
-        decision = self._by_text.get(stats.template, _MISSING)
+        text = stats.template
+        key = literal_key(text)[0]
+        decision = self._by_key.get(key, _MISSING)
         if decision is _MISSING:
             if self.model is not None and len(self._pending) < self.max_templates:
-                self._pending[stats.template] = None
+                self._pending.setdefault(key, text)
             decision = None
         if decision is None:
             admitted = self.fallback.admit(stats)
@@ -98,31 +102,30 @@ class LearnedAdmission:
         model, ctx = self.model, self.context
         if not self._pending or model is None:
             return 0
-        texts = list(self._pending)[:_PER_PASS]
+        keys = list(self._pending)[:_PER_PASS]
         rows, fresh = [], []
-        for text in texts:
-            del self._pending[text]
-            info = self.analyzer.analyze(text)
+        for key in keys:
+            info = self.analyzer.analyze(self._pending.pop(key))
             s = info.statements[0] if len(info.statements) == 1 else info
             decision = self._by_fingerprint.get(s.fingerprint)
             template = ctx.templates.get(s.fingerprint) if ctx is not None else None
             if decision is None and template is not None:
                 rows.append(transform_one({"sql": s.normalized, "template": template}, "cache"))
-                fresh.append((text, s))
+                fresh.append((key, s))
                 continue
-            self._remember(text, decision)
+            self._remember(key, decision)
         if rows:
             probabilities = model.run(np.stack(rows))
-            for (text, s), p in zip(fresh, probabilities.tolist()):
+            for (key, s), p in zip(fresh, probabilities.tolist()):
                 decision = AdmissionDecision(s.fingerprint, p, p >= self.admit_at, s.normalized)
                 self._by_fingerprint[s.fingerprint] = decision
-                self._remember(text, decision)
-        return len(texts)
+                self._remember(key, decision)
+        return len(keys)
 
-    def _remember(self, text: str, decision: AdmissionDecision | None) -> None:
-        if len(self._by_text) >= self.max_templates:
-            self._by_text.clear()
-        self._by_text[text] = decision
+    def _remember(self, key: str, decision: AdmissionDecision | None) -> None:
+        if len(self._by_key) >= self.max_templates:
+            self._by_key.clear()
+        self._by_key[key] = decision
 
     def table(self) -> list[AdmissionDecision]:
         return sorted(self._by_fingerprint.values(), key=lambda d: -d.probability)

@@ -90,3 +90,20 @@ def test_a_declined_template_always_reaches_postgres_and_an_admitted_one_is_serv
     decisions = metric_samples(proxy)
     assert decisions[("pgpilot_admission_decisions_total", (("source", "model"), ("verdict", "decline")))] >= REPEATS
     assert decisions[("pgpilot_admission_decisions_total", (("source", "model"), ("verdict", "admit")))] >= 1
+
+
+def test_one_decision_serves_every_literal_value_of_a_template(tmp_path):
+    from proxy.analysis import Analyzer
+    from proxy.cache.admission import HeuristicAdmission, TemplateStats
+    from proxy.models import load_champion
+    from proxy.served_models import LearnedAdmission
+    cache_champion(tmp_path, HOT, COLD)
+    admission = LearnedAdmission(HeuristicAdmission(), Analyzer())
+    admission.use_model(load_champion(tmp_path, "cache"))
+    assert admission.admit(TemplateStats(COLD)) is True          # the heuristic, until the model has decided
+    assert admission.process() == 1
+    for value in (1, 2, 77):
+        assert admission.admit(TemplateStats(COLD.replace("= 1", f"= {value}"))) is False
+        assert admission.admit(TemplateStats(HOT.replace("= 1", f"= {value}"))) is True
+    assert admission.process() == 1                               # the hot template, once
+    assert admission.decisions["model", False] == 3 and admission.decisions["heuristic", True] == 4

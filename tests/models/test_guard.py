@@ -84,3 +84,9 @@ def test_only_classes_known_before_a_statement_runs_can_be_enforced(tmp_path):
     path.write_text("anomaly:\n  enforce: [slow_outlier]\n")
     with pytest.raises(ConfigError, match="anomaly.enforce.*after a statement ran"):
         load_config(path)
+
+
+def test_a_malformed_parse_is_left_to_the_session():
+    guard = StatementGuard(["injection"])
+    assert guard.check(b"P\x00\x00\x00\x08s1") is None
+    assert guard.check(b"P\x00\x00\x00\x0bs1\x00SEL") is None
