@@ -46,8 +46,9 @@ def record_workloads(cluster: PgCluster, args) -> dict:
     log.info("synthetic application: scale %.2f, %d statements with anomalies", args.scale, args.app_statements)
     synthetic.setup(app_dsn, args.scale)
     app = synthetic.SyntheticApp(scale=args.scale, seed=args.seed)
-    stream = synthetic.inject_anomalies(app.statements(args.app_statements, start), app, every=150,
-                                        seed=args.seed + 1)
+    stream = list(synthetic.inject_anomalies(app.statements(args.app_statements, start), app, every=150,
+                                             seed=args.seed + 1))
+    span = max(st.ts for st in stream) - start   # the other workloads share the application's timeline
     with Recorder(app_dsn, store) as rec:
         out["synthetic"] = rec.run(stream).__dict__
     log.info("pgbench: %d TPC-B transactions", args.pgbench_tx)
@@ -55,7 +56,6 @@ def record_workloads(cluster: PgCluster, args) -> dict:
                     "-p", str(cluster.port), "-U", cluster.user, "app"], check=True, capture_output=True)
     with Recorder(app_dsn, store, proxy_id="pgbench") as rec:
         rng = random.Random(args.seed)
-        span = args.app_statements / 20.0
         stream = pgbench_script(TPCB_SCRIPT, scale=1, transactions=args.pgbench_tx, rng=rng, app="pgbench",
                                 client_addr="10.0.9.10", start_ts=start, tps=args.pgbench_tx / span)
         out["pgbench"] = rec.run(stream).__dict__
@@ -74,7 +74,6 @@ def record_workloads(cluster: PgCluster, args) -> dict:
         return out
     cluster.psql("VACUUM ANALYZE", dbname="tpch")
     rng = random.Random(args.seed)
-    span = args.app_statements / 20.0
     statements = []
     for i in range(args.tpch_instances):
         for q, template in TEMPLATES.items():
