@@ -3,7 +3,8 @@
     python -m bench.proxy_overhead [--rounds 3] [--duration 10] [--json out.json] [--quick]
 
 One private PostgreSQL cluster (fsync off) is initialised with `pgbench -i -s 10`. In front of it run PgBouncer
-(the Debian package, transaction pooling) and pgpilot (transaction pooling, query log off), both with the same
+(the Debian package, transaction pooling) and pgpilot (transaction pooling; query log, anomaly scoring and
+models off), both with the same
 pool size (20 by default). For each round, for each query protocol (`-M simple`, `-M extended`,
 `-M prepared`) and client count (`-c 1` for latency, `-c 16 -j 2` for throughput), `pgbench -S -T <duration>`
 runs against direct PostgreSQL, then PgBouncer, then pgpilot (A B C A B C ...), so machine noise hits all three
@@ -199,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             started.append(session_bouncer)
             bouncer_for["prepared"] = session_bouncer
             notes["prepared"] = "session*"
+        # The pooler alone, as PgBouncer is: query log, anomaly scoring and models off (bench.querylog_overhead
+        # and bench.models_overhead measure what those add).
         pilot = ProxyProcess({"databases": {DBNAME: upstream_entry(cluster, DBNAME)}, "pool_size": args.pool_size,
-                              "pool_mode": "transaction", "log_level": "warning"}).start()
+                              "pool_mode": "transaction", "log_level": "warning",
+                              "anomaly": {"enabled": False}, "models": {"enabled": False}}).start()
         started.append(pilot)
 
         version = ".".join(map(str, bouncer.version))
