@@ -60,6 +60,9 @@ def test_store_stopped_during_pgbench_loses_no_event_and_no_transaction(
         store_cluster.start()
     finally:
         reader.join(RUN_SECONDS + 120)
+        if reader.is_alive():
+            client.kill()
+            reader.join()
     result = parse_pgbench(client.returncode, output["stdout"], output["stderr"])
     metrics = wait_for_log(proxy, lambda: count_events(store_dsn, bench_db, APP))
     stored = count_events(store_dsn, bench_db, APP)
