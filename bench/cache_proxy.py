@@ -4,7 +4,8 @@ Postgres time saved against an oracle, all with real clients.
     python -m bench.cache_proxy [--quick] [--rounds 3] [--seconds 10] [--clients 16] [--json out.json]
 
 One private PostgreSQL cluster (fsync off) and one private Redis. Targets: PostgreSQL directly, pgpilot without
-the cache, pgpilot with the cache (same pool size; query log off in both, so they differ only by the cache).
+the cache, pgpilot with the cache (same pool size; query log and anomaly scoring off in both, so they differ
+only by the cache).
 
 (a) Read-mostly pgbench (`-f`, `-M prepared` by default): 95% reads of one of 10,000 rows drawn with
     `random_zipfian(1, 10000, 1.1)`, 5% updates of a row drawn the same way. Two scenarios: the updates go to
@@ -107,10 +108,11 @@ def statement_ms(conn, sql: str, runs: int) -> float:
 
 
 def pilot(cluster: PgCluster, pool_size: int, cache: dict | None, query_log: dict | None = None) -> ProxyProcess:
-    """pgpilot in front of the bench database; the served models are off so every run admits by the heuristic."""
+    """pgpilot in front of the bench database, measuring the pooler and the cache alone: anomaly scoring off, and
+    no served models (every run admits by the heuristic, whatever a learner left in the registry)."""
     config = {"databases": {DBNAME: upstream_entry(cluster, DBNAME)}, "pool_size": pool_size, "log_level": "warning",
               "cache": cache or {"enabled": False}, "query_log": query_log or {"enabled": False},
-              "models": {"enabled": False}}
+              "models": {"enabled": False}, "anomaly": {"enabled": False}}
     return ProxyProcess(config).start()
 
 
