@@ -26,6 +26,8 @@ class ProxyProcess:
         self.config.setdefault("admin", {}).setdefault("http_listen", f"127.0.0.1:{free_port()}")
         self.config.setdefault("query_log", {}).setdefault("enabled", False)
         self._tmp = tempfile.mkdtemp(prefix="pgpilot-proxy-")
+        # A registry of its own: never a model left in the working tree by another run.
+        self.config.setdefault("learning", {}).setdefault("model_dir", str(Path(self._tmp) / "models"))
         self.config_path = Path(self._tmp) / "config.yaml"
         self.log_path = Path(self._tmp) / "proxy.log"
         self.env = env or {}
