@@ -21,6 +21,11 @@ _STATEFUL_WORDS = (b"advisory", b"set_config", b"temp", b"hold")
 
 CURSOR_OPT_HOLD = 0x0020
 
+# Settings that change how fast a query runs, never what it returns or what the session may do.
+_PLANNER_ONLY_SETTINGS = frozenset(("jit", "work_mem", "random_page_cost", "seq_page_cost", "enable_seqscan",
+                                    "enable_indexscan", "enable_bitmapscan", "enable_hashjoin", "enable_mergejoin",
+                                    "enable_nestloop", "max_parallel_workers_per_gather", "plan_cache_mode"))
+
 
 class Effect:
     """One statement's effect on session state; `index` is its position in a multi-statement text."""
@@ -126,6 +131,9 @@ def _effect_of(i: int, stmt: dict, text: str) -> Effect | None:
     if re.search(r"pg_(?:try_)?advisory_lock(?:_shared)?\s*\(", low):
         return Effect(i, Effect.PIN, "session advisory lock")
     if "set_config" in low:
+        names = re.findall(r"set_config\s*\(\s*'([a-z_.]+)'", low)
+        if names and all(n in _PLANNER_ONLY_SETTINGS for n in names):
+            return None   # e.g. asyncpg's set_config('jit', 'off', false): speed only, nothing to carry or fear
         return Effect(i, Effect.PIN, "set_config()")
     return None
 

@@ -67,7 +67,8 @@ class CacheContext:
         self.refusal: str | None = None
         if norm.get("standard_conforming_strings", "on").lower() in ("off", "false", "no", "0"):
             self.refusal = "nonstandard_strings"
-        elif norm.get("client_encoding", "UTF8").upper().replace("-", "") not in ("UTF8", "UNICODE", "SQLASCII"):
+        elif re.sub(r"[^0-9A-Z]", "", norm.get("client_encoding", "UTF8").upper()) not in ("UTF8", "UNICODE", "SQLASCII"):
+            # Postgres ignores everything but letters and digits in encoding names ('utf-8', "'utf-8'", UTF8).
             self.refusal = "client_encoding"
         # Verdicts depend on name resolution (search_path with $user expanded) and the role's privileges.
         self.scope = _scope_id(database, role, self.search_path, self.refusal)
