@@ -161,7 +161,11 @@ def build_dataset(event_log: EventLog, train: np.ndarray, test: np.ndarray, labe
     context = serving_context(event_log, train)
     tr = np.nonzero(train)[0]
     if len(tr) > max_train_rows:
-        tr = np.sort(rng.choice(tr, max_train_rows, replace=False))
+        # Keep every event that might be odd (errors, rare templates, unfamiliar senders): a uniform sample
+        # would leave the student few of the rows its teacher flags.
+        odd = tr[_possibly_odd(event_log, train, context)[tr]][: max_train_rows // 3]
+        rest = np.setdiff1d(tr, odd, assume_unique=True)
+        tr = np.sort(np.concatenate([odd, rng.choice(rest, max_train_rows - len(odd), replace=False)]))
     X_train = transform_many(prepared_events(event_log, context, tr, start=int(np.nonzero(train)[0][0])), KIND)
     context.reset_window()
     te = np.nonzero(test)[0][:max_test_rows]
@@ -171,6 +175,15 @@ def build_dataset(event_log: EventLog, train: np.ndarray, test: np.ndarray, labe
                   for i in te], dtype=object)
     window = {"from": float(event_log.ts[train][0]), "to": float(event_log.ts[train][-1])} if train.any() else {}
     return AnomalyData(X_train, X_test, te, y, context, window)
+
+
+def _possibly_odd(event_log: EventLog, train: np.ndarray, context: ServingContext) -> np.ndarray:
+    """Events that failed, belong to a template without established history, or come from an unfamiliar sender."""
+    calls = np.bincount(event_log.template[train], minlength=len(event_log.fingerprints))
+    rare = calls < context.min_template_calls
+    apps = np.array([a not in context.apps for a in event_log.apps])
+    clients = np.array([c not in context.clients for c in event_log.clients])
+    return event_log.error | rare[event_log.template] | apps[event_log.app] | clients[event_log.client]
 
 
 @dataclass
