@@ -106,8 +106,9 @@ class _Analyzer:
     def resolve(self, ref: ast.ColumnRef, scopes: list[_Scope]) -> tuple[TableAccess | None, str | None]:
         names = [f.sval for f in ref.fields if isinstance(f, ast.String)]
         star = any(isinstance(f, ast.A_Star) for f in ref.fields)
-        if star:
-            for scope in scopes[:1]:
+        if star:  # t.* or *: every column of those tables is needed, so no index can cover the query
+            if scopes:
+                scope = scopes[0]
                 targets = [scope.entries.get(names[-1])] if names else list(scope.entries.values())
                 for access in targets:
                     if access is not None:
@@ -402,7 +403,7 @@ class _Analyzer:
         for arg in node.args:
             probe = QueryShape(self.shape.kind)
             sub = _Analyzer(self.catalog, probe)
-            shadow = [self._shadow(s, probe) for s in scopes]
+            shadow = [self._shadow(s) for s in scopes]
             for conj in self.conjuncts(arg):
                 sub.predicate(conj, shadow, ctes)
             self.shape.accesses.extend(probe.accesses)  # tables of subqueries inside the branch
@@ -431,7 +432,8 @@ class _Analyzer:
             getattr(real, attr).setdefault(col, []).extend(merged)
 
     @staticmethod
-    def _shadow(scope: _Scope, probe: QueryShape) -> _Scope:
+    def _shadow(scope: _Scope) -> _Scope:
+        """A copy of a scope with fresh accesses, to collect one OR branch's facts apart."""
         shadow = _Scope()
         for alias, access in scope.entries.items():
             shadow.entries[alias] = TableAccess(access.table, access.alias) if access is not None else None

@@ -9,9 +9,9 @@ share of the tables' size) three advisors choose indexes from that log: pgpilot,
 baseline at its 50% and 10% savings thresholds (it has no budget: its picks are kept by decreasing savings
 while they fit, and the row says when that trimmed it). For each choice the table shows the indexes, their
 size, the estimated workload cost relative to no indexes (HypoPG, calls-weighted, on instances the advisors
-never saw), and the real runtime of the workload with the indexes built: each round runs one of those unseen
-instances of every template per configuration (configurations interleaved, their order rotated each round)
-and weights its time by the template's frequency. With --no-parameters the log holds no values: pgpilot plans
+never saw), and the real runtime of the workload with the indexes built (one copy of the database per configuration): each
+round runs one of those unseen instances of every template under every configuration in turn, their order
+rotated, and weights its time by the template's frequency. With --no-parameters the log holds no values: pgpilot plans
 instances synthesized from pg_stats, the Dexter-style baseline generic plans (as Dexter on PostgreSQL 15).
 Parallel query and JIT are off so that runtimes compare plans, not the machine's mood.
 """
@@ -74,6 +74,18 @@ def unseen_workload(workload: Workload, held_out: list[dict[int, str]]) -> Workl
                     workload.write_rows, workload.updated_columns)
 
 
+def clone(cluster, template: str, name: str) -> None:
+    """CREATE DATABASE name TEMPLATE template, retried while autovacuum briefly holds the template open."""
+    for attempt in range(60):
+        try:
+            cluster.psql(f"CREATE DATABASE {name} TEMPLATE {template}")
+            return
+        except RuntimeError as e:
+            if "being accessed by other users" not in str(e) or attempt == 59:
+                raise
+            time.sleep(1)
+
+
 def drop_secondary_indexes(conn) -> None:
     for (name,) in conn.execute(
             """SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
@@ -95,18 +107,36 @@ def build(conn, specs: list[IndexSpec]) -> tuple[float, int]:
     return time.monotonic() - started, total
 
 
-def run_instances(conn, instances: dict[int, str], timeout_s: float) -> tuple[dict[int, float], int]:
-    """Seconds per template (one instance each); a statement that times out counts as the timeout."""
-    conn.execute(f"SET statement_timeout = {int(timeout_s * 1000)}")
-    times, capped = {}, 0
-    for n, sql in instances.items():
-        started = time.perf_counter()
-        try:
-            conn.execute(sql).fetchall()
-            times[n] = time.perf_counter() - started
-        except psycopg.errors.QueryCanceled:
-            times[n] = timeout_s
-            capped += 1
+def measure(dsns: dict, held_out: list[dict[int, str]], timeout_s: float) -> tuple[dict, dict]:
+    """Seconds per configuration, round and template: each template runs under every configuration in turn
+    (their order rotated), so a load spike on the machine hits all configurations alike."""
+    conns = {k: psycopg.connect(dsn, autocommit=True) for k, dsn in dsns.items()}
+    keys = list(dsns)
+    times = {k: [] for k in keys}
+    capped = {k: 0 for k in keys}
+    try:
+        for c in conns.values():
+            c.execute(f"SET statement_timeout = {int(timeout_s * 1000)}")
+            for t in TABLES:  # read every table once, so no configuration pays for a cold cache
+                c.execute(f"SELECT count(*) FROM {t}").fetchone()
+        for r, instances in enumerate(held_out):
+            for k in keys:
+                times[k].append({})
+            started = time.monotonic()
+            for n, sql in instances.items():
+                shift = (r + n) % len(keys)
+                for k in keys[shift:] + keys[:shift]:
+                    t0 = time.perf_counter()
+                    try:
+                        conns[k].execute(sql).fetchall()
+                        times[k][r][n] = time.perf_counter() - t0
+                    except psycopg.errors.QueryCanceled:
+                        times[k][r][n] = timeout_s
+                        capped[k] += 1
+            log.info("round %d measured in %.0fs", r + 1, time.monotonic() - started)
+    finally:
+        for c in conns.values():
+            c.close()
     return times, capped
 
 
@@ -174,30 +204,22 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             configs.setdefault(frozenset(row["indexes"]), row["indexes"])
         keys = list(configs)
-        log.info("%d distinct configurations to measure over %d rounds", len(keys), args.rounds)
-        for t in TABLES:  # warm the cache before the first measurement
-            conn.execute(f"SELECT count(*) FROM {t}").fetchone()
-        runtimes: dict[frozenset, list[float]] = {k: [] for k in keys}
-        capped: dict[frozenset, int] = {k: 0 for k in keys}
-        real_bytes: dict[frozenset, int] = {}
-        calls = {n: float(c) for n, c in FREQUENCIES.items()}
-        for r in range(args.rounds):
-            instances = held_out[r]
-            order = keys[r % len(keys):] + keys[:r % len(keys)]
-            for key in order:
-                seconds, nbytes = build(conn, configs[key])
-                real_bytes[key] = nbytes
-                times, n_capped = run_instances(conn, instances, args.timeout)
-                capped[key] += n_capped
-                total = sum(calls[n] * t for n, t in times.items())
-                runtimes[key].append(total)
-                log.info("round %d: %d indexes (built in %.1fs): workload %.1fs", r + 1, len(configs[key]),
-                         seconds, total)
-        drop_secondary_indexes(conn)
         conn.close()
+        # One copy of the database per configuration, so configurations interleave query by query.
+        dsns, real_bytes = {}, {}
+        for i, key in enumerate(keys):
+            clone(cluster, "tpch", f"tpch_cfg{i}")
+            dsns[key] = cluster.dsn_for(f"tpch_cfg{i}")
+            with psycopg.connect(dsns[key], autocommit=True) as c:
+                seconds, real_bytes[key] = build(c, configs[key])
+            log.info("configuration %d: %d indexes, %s, built in %.1fs", i, len(configs[key]),
+                     format_bytes(real_bytes[key]), seconds)
+        times, capped = measure(dsns, held_out, args.timeout)
     finally:
         cluster.destroy()
 
+    calls = {n: float(c) for n, c in FREQUENCIES.items()}
+    runtimes = {k: [sum(calls[n] * t for n, t in per_round.items()) for per_round in times[k]] for k in keys}
     none_key = frozenset()
     for row in rows:
         key = frozenset(row["indexes"])
@@ -205,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         row["runtime_s"] = statistics.median(runtimes[key])
         row["runtime_rel"] = statistics.median(a / b for a, b in zip(runtimes[key], runtimes[none_key]))
         row["capped"] = capped[key]
+        row["runtimes_s"] = runtimes[key]
+        row["template_median_s"] = {n: statistics.median(r[n] for r in times[key]) for n in TEMPLATES}
     print_table(rows, data_bytes, args)
     if args.json:
         with open(args.json, "w") as f:
