@@ -14,9 +14,7 @@ class SourcedConnection(RawConnection):
     """A RawConnection whose socket is bound to a chosen local address (127.0.0.2 is another host to the proxy)."""
 
     def __init__(self, host: str, port: int, source_ip: str, timeout: float = 10.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(source_ip, 0))
-        self.timeout = timeout
-        self._buf = b""
+        super().__init__(host, port, timeout, source_ip=source_ip)
 
 
 def login(proxy, user: str, database: str, password: str | None = None, source_ip: str | None = None,

@@ -52,8 +52,9 @@ class ServerClosed(Exception):
 class RawConnection:
     """A socket speaking just enough of the protocol to start up, send raw bytes and read whole messages."""
 
-    def __init__(self, host: str, port: int, timeout: float = 10.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float = 10.0, source_ip: str | None = None):
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source_ip, 0) if source_ip else None)
         self.timeout = timeout
         self._buf = bytearray()
         self._pos = 0  # start of unread data in _buf; consumed bytes are dropped in bulk, not per message
