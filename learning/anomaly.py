@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from learning.logdata import EventLog, prepared_events, serving_context
-from proxy.features import ANOMALY_CLASSES, FEATURE_NAMES, ServingContext, anomaly_signals, transform_many
+from proxy.features import (ANOMALY_CLASSES, FEATURE_NAMES, SLOW_OVER_P95_LOG10, ServingContext, anomaly_signals,
+                            transform_many)
 
 log = logging.getLogger("pgpilot.learn")
 
@@ -26,6 +27,9 @@ NAMES = FEATURE_NAMES[KIND]
 _C = {name: i for i, name in enumerate(NAMES)}
 ISOLATION_WEIGHT = 0.25   # how much isolation beyond normal traffic adds to the rule score
 ISOLATION_QUANTILE = 99.9  # training isolation scores above this percentile count as isolated
+# At most this share of the training traffic may look like slow outliers (learning.anomaly_slow_tolerance): on
+# a server whose timings are noisy (stalls of 10x and more), the slow threshold rises until noise stops flagging.
+SLOW_TOLERANCE = 0.001
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Teacher:
     forest: object
     iso_lo: float   # isolation score at the ISOLATION_QUANTILE of training rows
     iso_hi: float   # the most isolated training row
+    slow_over_p95_log10: float = SLOW_OVER_P95_LOG10
 
     def isolation(self, X: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
         """How isolated rows are, 0 (like training traffic) to 1; raw: precomputed forest.score_samples(X)."""
@@ -42,16 +47,28 @@ class Teacher:
         return np.clip((s - self.iso_lo) / max(self.iso_hi - self.iso_lo, 1e-6), 0.0, 1.0)
 
     def score(self, X: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
-        rules = anomaly_signals(X).max(axis=1)
+        rules = anomaly_signals(X, self.slow_over_p95_log10).max(axis=1)
         return np.clip(rules + ISOLATION_WEIGHT * self.isolation(X, raw), 0.0, 1.5)
 
 
-def fit_teacher(X: np.ndarray, seed: int = 0) -> Teacher:
+def fit_teacher(X: np.ndarray, seed: int = 0, slow_tolerance: float = SLOW_TOLERANCE) -> Teacher:
     from sklearn.ensemble import IsolationForest
     forest = IsolationForest(n_estimators=100, max_samples=min(256, len(X)), random_state=seed, n_jobs=1)
     forest.fit(X)
     s = -forest.score_samples(X)
-    return Teacher(forest, float(np.percentile(s, ISOLATION_QUANTILE)), float(s.max()))
+    return Teacher(forest, float(np.percentile(s, ISOLATION_QUANTILE)), float(s.max()),
+                   slow_threshold(X, slow_tolerance))
+
+
+def slow_threshold(X: np.ndarray, tolerance: float = SLOW_TOLERANCE) -> float:
+    """The slow-outlier threshold (log10 of times the p95) that at most `tolerance` of training rows reach."""
+    slow_column = ANOMALY_CLASSES.index("slow_outlier")
+    at_default = anomaly_signals(X)[:, slow_column]
+    candidates = np.sort(X[at_default >= 0.6, _C["ev_over_p95_log10"]])   # rows the default threshold flags
+    allowed = int(tolerance * len(X))
+    if len(candidates) <= allowed:
+        return SLOW_OVER_P95_LOG10
+    return max(SLOW_OVER_P95_LOG10, float(candidates[len(candidates) - allowed - 1]) + 1e-3)
 
 
 def augment(X: np.ndarray, rng: np.random.Generator, per_class: int) -> np.ndarray:
@@ -196,10 +213,10 @@ class AnomalyResult:
 
 
 def train_and_evaluate(data: AnomalyData, *, threshold: float = 0.5, seed: int = 0,
-                       augment_per_class: int | None = None) -> AnomalyResult:
+                       augment_per_class: int | None = None, slow_tolerance: float = SLOW_TOLERANCE) -> AnomalyResult:
     rng = np.random.default_rng(seed)
     t0 = time.monotonic()
-    teacher = fit_teacher(data.X_train, seed)
+    teacher = fit_teacher(data.X_train, seed, slow_tolerance)
     per_class = augment_per_class or max(500, len(data.X_train) // 10)
     X_fit = np.vstack([data.X_train, augment(data.X_train, rng, per_class)])
     y_fit = teacher.score(X_fit)
@@ -211,10 +228,11 @@ def train_and_evaluate(data: AnomalyData, *, threshold: float = 0.5, seed: int =
     flagged_t = teacher_test >= threshold
     flagged_s = student_test >= threshold
     labelled = data.labels != ""
-    signals = anomaly_signals(data.X_test)
+    signals = anomaly_signals(data.X_test, teacher.slow_over_p95_log10)
     reasons = np.array(ANOMALY_CLASSES, dtype=object)[signals.argmax(axis=1)]
     metrics = {
-        "threshold": threshold, "train_rows": int(len(data.X_train)), "fit_rows": int(len(X_fit)),
+        "threshold": threshold, "slow_over_p95_log10": teacher.slow_over_p95_log10,
+        "train_rows": int(len(data.X_train)), "fit_rows": int(len(X_fit)),
         "fit_seconds": fit_s, "test_rows": int(len(data.X_test)), "labelled": int(labelled.sum()),
         "flag_rate": float(flagged_s.mean()) if len(flagged_s) else 0.0,
         "distillation": {

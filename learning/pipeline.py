@@ -256,7 +256,7 @@ def train_time_model(settings: LearnSettings, registry: Registry, event_log: Eve
     metrics["by_database"] = by_db
     p90 = metrics["time_split"]["model"]["p90"]
     champion = _champion_score(registry, tm.KIND, lambda m: float(np.percentile(
-        tm.qerror(np.exp(m.run(data.X_test)), np.exp(data.y_test)), 90)))
+        tm.qerror(tm.to_us(m.run(data.X_test)), np.exp(data.y_test)), 90)))
     reg = _register(registry, tm.KIND, onnx_bytes, data.context.to_json(), metrics, "qerror_p90", p90, False,
                     champion, window)
     metrics["registry"] = reg
@@ -280,14 +280,16 @@ def train_anomaly_model(settings: LearnSettings, registry: Registry, event_log: 
     from learning import anomaly as an
     cfg = settings.learning
     data = an.build_dataset(event_log, train, test, labels, seed=settings.seed)
-    result = an.train_and_evaluate(data, threshold=cfg.anomaly_threshold, seed=settings.seed)
+    result = an.train_and_evaluate(data, threshold=cfg.anomaly_threshold, seed=settings.seed,
+                                   slow_tolerance=cfg.anomaly_slow_tolerance)
     metrics = result.metrics
     brief = {k: metrics[k] for k in ("threshold", "flag_rate", "distillation") if k in metrics}
     if "student" in metrics:
         brief["labelled"] = metrics["student"]
     onnx_bytes = export_onnx(result.student, an.KIND, algorithm="distilled-xgboost", metrics=brief,
                              training_window=window, extra={"threshold": cfg.anomaly_threshold,
-                                                            "classes": list(an.ANOMALY_CLASSES)})
+                                                            "classes": list(an.ANOMALY_CLASSES),
+                                                            "slow_over_p95_log10": result.teacher.slow_over_p95_log10})
     sample = data.X_test[:5000]
     metrics["onnx"] = onnx_agreement(onnx_bytes, result.student.predict(sample), sample)
     metrics["onnx"].update(inference_cost_us(onnx_bytes, data.X_test[:2000]))

@@ -710,12 +710,17 @@ class ServingContext:
 ANOMALY_CLASSES = ("slow_outlier", "unusual_rows", "new_template", "error_burst", "injection")
 _A = {name: i for i, name in enumerate(FEATURE_NAMES["anomaly"])}
 SLOW_MIN_EXCESS_US = 5000.0     # a slow outlier takes at least this much longer than its template's median
+SLOW_OVER_P95_LOG10 = 1.0       # ... and at least 10x its p95 (the learner raises this on a noisy server)
 VOLUME_MIN_ROWS = 1000.0        # an unusual result has at least this many rows or bytes
 VOLUME_MIN_BYTES = 100_000.0
 
 
-def anomaly_signals(X: np.ndarray) -> np.ndarray:
-    """Per row, one score per ANOMALY_CLASSES entry (0: nothing odd, >= 1: clearly that anomaly)."""
+def anomaly_signals(X: np.ndarray, slow_over_p95_log10: float = SLOW_OVER_P95_LOG10) -> np.ndarray:
+    """Per row, one score per ANOMALY_CLASSES entry (0: nothing odd, >= 1: clearly that anomaly).
+
+    slow_over_p95_log10: log10 of how many times its template's p95 a statement must take to be a slow
+    outlier (score 0.6 there); the anomaly model's metadata carries the value it was trained with.
+    """
     X = np.asarray(X, dtype=np.float64)
 
     def col(name: str) -> np.ndarray:
@@ -725,7 +730,7 @@ def anomaly_signals(X: np.ndarray) -> np.ndarray:
     unusual_client = (col("ev_app_known") == 0) | (col("ev_client_known") == 0) | (
         known & (col("ev_app_template_share") < 0.01))
     # slow: far beyond the template's usual time (robust z), beyond its own tail (p95) and by enough to matter
-    beyond_tail = col("ev_over_p95_log10") - 0.4   # 0.6 at 10x the p95
+    beyond_tail = col("ev_over_p95_log10") - (slow_over_p95_log10 - 0.6)   # 0.6 at the threshold
     big = (np.expm1(col("ev_rows_log")) >= VOLUME_MIN_ROWS) | (np.expm1(col("ev_bytes_log")) >= VOLUME_MIN_BYTES)
     volume_z = np.maximum(col("ev_z_rows"), col("ev_z_bytes"))
     # (a statement slow because it returned far more than usual is a volume anomaly, not a slow one)
@@ -748,7 +753,8 @@ def anomaly_signals(X: np.ndarray) -> np.ndarray:
     return np.stack([slow, volume, novelty, burst, injection], axis=1)
 
 
-def anomaly_reasons(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def anomaly_reasons(X: np.ndarray, slow_over_p95_log10: float = SLOW_OVER_P95_LOG10
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """(rule score, index into ANOMALY_CLASSES of the strongest signal) per anomaly feature row."""
-    signals = anomaly_signals(X)
+    signals = anomaly_signals(X, slow_over_p95_log10)
     return signals.max(axis=1), signals.argmax(axis=1)
