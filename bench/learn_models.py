@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from bench.workloads import synthetic
 from bench.workloads.recorder import TPCB_SCRIPT, Recorder, Statement, pgbench_script, virtual_start
