@@ -553,8 +553,9 @@ def validate(conn, table: Table, advice: PartitionAdvice, workload: Workload, ca
         for t in workload.templates:
             if table.qualified not in t.tables or not t.instances:
                 continue
-            inst = next((i for i in t.instances if i.params is not None or i.source in ("sample", "literal")),
-                        t.instances[0])
+            # Generic plans cannot prune partitions at plan time: values drawn from pg_stats stand in for them.
+            inst = next((i for i in t.instances + t.synthesized
+                         if i.params is not None or i.source in ("sample", "literal")), t.instances[0])
             costs = []
             for relname in (retired, table.name):
                 sql = _retarget(inst.sql, table, catalog, scratch, relname)
@@ -573,22 +574,15 @@ def validate(conn, table: Table, advice: PartitionAdvice, workload: Workload, ca
                 part_total += t.calls * part[0]
         result["templates"] = checks
         result["cost_ratio"] = part_total / flat_total if flat_total > 0 else None
-        if any(inst_is_generic(workload, c["fingerprint"]) for c in checks):
-            result["note"] = ("templates without values were not compared: generic plans cannot prune at plan "
-                              "time (log parameters, or keep advisors.synthesize_parameters on)")
+        if any(c["cost_flat"] is None for c in checks):
+            result["note"] = ("templates without logged or synthesized values were not compared: generic plans "
+                              "cannot prune partitions at plan time")
     except Exception as e:
         log.warning("validation of the plan for %s failed: %s", table.qualified, e)
         result.update({"plan_ran": False, "error": str(e).splitlines()[0]})
     finally:
         conn.execute(f"DROP SCHEMA IF EXISTS {q(scratch)} CASCADE")
     return result
-
-
-def inst_is_generic(workload: Workload, fingerprint: str) -> bool:
-    for t in workload.templates:
-        if t.fingerprint == fingerprint:
-            return bool(t.instances) and t.instances[0].source == "generic"
-    return False
 
 
 # -- the advisor ------------------------------------------------------------------------------------------------

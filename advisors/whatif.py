@@ -84,6 +84,8 @@ class WhatIf:
         self._forms: dict[str, tuple | None] = {}
         self._distinct: dict[tuple, float] = {}
         self.explains = 0
+        # psycopg prepares repeated statements itself; ours must be the only prepared statements here.
+        conn.prepare_threshold = None
         exists = conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'hypopg'").fetchone()[0]
         if not exists:
             log.info("creating extension hypopg (hypothetical indexes; no data, no table locks)")
@@ -229,6 +231,10 @@ class WhatIf:
         attempts: list[tuple] = []
         if inst.params is None and inst.source != "generic":
             attempts.append(("sql", inst.sql))
+        elif inst.params is not None and None in inst.params:
+            # Some $n have no value: a NULL could fold a filter to false, so they get a neutral one of their type.
+            attempts.append(("custom", inst.sql, (), inst.params))
+            attempts.append(("custom", inst.sql, self._types(inst), inst.params))
         elif inst.params is not None:
             attempts.append(("sql", render_literal(inst.sql, inst.params, inst.param_columns)))
             attempts.append(("sql", render_literal(inst.sql, inst.params, {}, quote_all=True)))
@@ -257,8 +263,13 @@ class WhatIf:
         return tuple(inst.param_columns.get(i, "numeric") for i in range(1, n + 1))
 
     def _rollback(self) -> None:
+        """Leave no half-made prepared statement behind after a failed attempt."""
         try:
-            self.conn.execute("DEALLOCATE ALL")
+            self.conn.execute("DEALLOCATE pgpilot_whatif")
+        except Exception:
+            pass
+        try:
+            self.conn.execute("RESET plan_cache_mode")
         except Exception:
             pass
 
@@ -271,22 +282,23 @@ class WhatIf:
         type_list = f"({', '.join(types)})" if types else ""
         self.conn.execute(f"PREPARE pgpilot_whatif{type_list} AS {sql}")
         try:
-            nparams = self.conn.execute(
-                "SELECT cardinality(parameter_types) FROM pg_prepared_statements WHERE name = 'pgpilot_whatif'"
+            prepared = self.conn.execute(
+                "SELECT parameter_types::text[] FROM pg_prepared_statements WHERE name = 'pgpilot_whatif'"
             ).fetchone()[0]
+            nparams = len(prepared)
             if kind == "generic":
                 self.conn.execute("SET plan_cache_mode = force_generic_plan")
                 args = ", ".join(["NULL"] * nparams)
             else:
                 self.conn.execute("SET plan_cache_mode = force_custom_plan")
                 values = list(form[3]) + [None] * max(0, nparams - len(form[3]))
-                args = ", ".join("NULL" if v is None else "'" + v.replace("'", "''") + "'" for v in values[:nparams])
+                values = [v if v is not None else _neutral(t) for v, t in zip(values, prepared)]
+                args = ", ".join("NULL" if v is None else "'" + v.replace("'", "''") + "'" for v in values)
             row = self.conn.execute(
                 f"EXPLAIN (FORMAT JSON) EXECUTE pgpilot_whatif{'(' + args + ')' if nparams else ''}").fetchone()
             return _top(row[0])
         finally:
-            self.conn.execute("DEALLOCATE pgpilot_whatif")
-            self.conn.execute("RESET plan_cache_mode")
+            self._rollback()
 
     def close(self) -> None:
         """Forget every hypothetical index and give the connection its settings back."""
@@ -297,6 +309,23 @@ class WhatIf:
             self.conn.execute("RESET max_parallel_workers_per_gather")
         except Exception:
             pass
+
+
+def _neutral(type_name: str) -> str | None:
+    """A harmless value of a type, for a parameter nothing tells the value of."""
+    if type_name.startswith(("smallint", "integer", "bigint", "numeric", "real", "double", "oid")):
+        return "1"
+    if type_name.startswith(("text", "character", "name")):
+        return "a"
+    if type_name.startswith("date"):
+        return "2000-01-01"
+    if type_name.startswith("timestamp"):
+        return "2000-01-01 00:00:00"
+    if type_name.startswith("interval"):
+        return "1 day"
+    if type_name == "boolean":
+        return "true"
+    return None
 
 
 def _top(explain_json) -> dict:

@@ -55,6 +55,7 @@ class Template:
     shape: QueryShape
     instances: list[Instance] = field(default_factory=list)
     logged_params: list[tuple[str | None, ...]] = field(default_factory=list)  # recent logged values
+    synthesized: list[Instance] = field(default_factory=list)  # drawn from pg_stats, when nothing was logged
 
     @property
     def label(self) -> str:
@@ -90,7 +91,7 @@ def _table_exists(conn, name: str) -> bool:
 
 def load_workload(log_conn, catalog: Catalog, *, database: str | None = None,
                   window: dt.timedelta = dt.timedelta(days=7), instances_per_template: int = 5,
-                  min_calls: int = 1, synthesize: bool = True, seed: int = 0,
+                  min_calls: int = 1, synthesize: bool = False, seed: int = 0,
                   target_conn=None) -> Workload:
     """Read the workload of `database` (default: the catalog's) over the last `window` from the log store."""
     database = database or catalog.database
@@ -211,6 +212,7 @@ def param_column_types(shape: QueryShape, catalog: Catalog) -> dict[int, str]:
 
 def make_instances(t: Template, catalog: Catalog, sample_sql: str | None, limit: int, synthesize: bool,
                    rng: random.Random) -> list[Instance]:
+    """The template's instances, best source first; fills t.synthesized as well when nothing was logged."""
     tables = frozenset(t.shape.tables)
     types = param_column_types(t.shape, catalog)
     nparams = max_param(t.normalized_sql)
@@ -229,14 +231,13 @@ def make_instances(t: Template, catalog: Catalog, sample_sql: str | None, limit:
         return [Instance(sample_sql, None, "sample", tables, types)]
     if nparams == 0:
         return [Instance(t.normalized_sql, None, "literal", tables, types)]
-    if synthesize:
-        for _ in range(min(limit, 3)):
-            values = synthesize_values(t.shape, catalog, nparams, rng)
-            if values is None:
-                break
-            out.append(Instance(t.normalized_sql, values, "synthesized", tables, types))
-        if out:
-            return out
+    for _ in range(min(limit, 3)):
+        values = synthesize_values(t.shape, catalog, nparams, rng)
+        if values is None:
+            break
+        t.synthesized.append(Instance(t.normalized_sql, values, "synthesized", tables, types))
+    if synthesize and t.synthesized:
+        return list(t.synthesized)
     return [Instance(t.normalized_sql, None, "generic", tables, types)]
 
 
@@ -256,32 +257,27 @@ def max_param(sql: str) -> int:
 
 def synthesize_values(shape: QueryShape, catalog: Catalog, nparams: int,
                       rng: random.Random) -> tuple[str | None, ...] | None:
-    """Values for every $n drawn from the statistics of the column it is compared with, or None if any lacks one.
+    """Values for the $n compared with a column, drawn from that column's statistics (None: no such $n).
 
     Equality draws a most-common value (by frequency) or a histogram bound; a pair of bounds on one column
-    becomes a window of about 1/20 of its histogram; a lone bound sits at a random quantile.
+    becomes a window of about 1/20 of its histogram; a lone bound sits at a random quantile; LIMIT gets 10.
+    A $n tied to no column (select-list arithmetic, CASE results, LIKE patterns) stays None: the planner gets
+    a neutral value of its type (advisors.whatif). Without any value to draw, the answer is None.
     """
-    if len(shape.params) + len(shape.limit_params) < nparams:
-        return None
-    values: dict[int, str] = {n: "10" for n in shape.limit_params}  # a typical page size
+    values: dict[int, str | None] = {n: "10" for n in shape.limit_params}  # a typical page size
     bounds: dict[tuple[str, str], list[tuple[int, str]]] = {}
     for n, (table, col, op) in shape.params.items():
         column = catalog.tables[table].columns.get(col)
         if column is None:
-            return None
+            continue
         if op in ("=", "in", "expr"):
-            v = _draw_equal(column, rng)
-            if v is None:
-                return None
-            values[n] = v
+            values[n] = _draw_equal(column, rng)
         elif op in ("<", "<=", ">", ">="):
             bounds.setdefault((table, col), []).append((n, op))
-        else:
-            return None
     for (table, col), items in bounds.items():
         hist = catalog.tables[table].columns[col].histogram_bounds
         if not hist:
-            return None
+            continue
         lows = [n for n, op in items if op in (">", ">=")]
         highs = [n for n, op in items if op in ("<", "<=")]
         width = max(1, len(hist) // 20)
@@ -290,9 +286,9 @@ def synthesize_values(shape: QueryShape, catalog: Catalog, nparams: int,
             values[n] = hist[i]
         for n in highs:
             values[n] = hist[min(len(hist) - 1, i + width)] if lows else hist[i]
-    if set(values) != set(range(1, nparams + 1)):
+    if not any(values.get(n) is not None for n in range(1, nparams + 1) if n not in shape.limit_params):
         return None
-    return tuple(values[i] for i in range(1, nparams + 1))
+    return tuple(values.get(i) for i in range(1, nparams + 1))
 
 
 def _draw_equal(column, rng: random.Random) -> str | None:

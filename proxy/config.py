@@ -179,7 +179,7 @@ class AdvisorsConfig(_Section):
     workload_window_days: float = Field(7.0, gt=0)  # how much of the query log to read
     min_calls: int = Field(1, ge=1)             # templates seen fewer times are ignored
     instances_per_template: int = Field(3, ge=1)  # sampled instances planned per template
-    synthesize_parameters: bool = True          # without logged values, draw them from pg_stats (else generic plans)
+    synthesize_parameters: bool = False         # without logged values: draw them from pg_stats (else generic plans)
     max_index_columns: int = Field(4, ge=1)     # key columns per advised index
     max_include_columns: int = Field(6, ge=0)   # INCLUDE columns per covering candidate (0: none)
     index_write_cost: float = Field(0.5, ge=0)  # planner cost units per written row per index
