@@ -272,7 +272,8 @@ def partition_table(results) -> str:
                              + (f", workload cost x{v['cost_ratio']:.2f}" if v.get("cost_ratio") else ""))
                 for t in v.get("templates", [])[:6]:
                     if t["cost_flat"] is not None and t["cost_partitioned"] is not None:
-                        lines.append(f"      {t['calls']:>5.0f} x {t['cost_flat']:>9.4g} -> {t['cost_partitioned']:<9.4g}"
+                        lines.append(f"      {t['calls']:>5.0f} x {t['cost_flat']:>9.4g} -> "
+                                     f"{t['cost_partitioned']:<9.4g}"
                                      f" ({t['partitions_scanned']}/{t['partitions_total']} partitions) "
                                      f"{t['label'][:60]}")
                 if v.get("note"):

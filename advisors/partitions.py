@@ -231,7 +231,8 @@ def decide(table: Table, signals: dict, settings) -> PartitionAdvice:
                          f"{settings.partition_min_rows} rows; indexes serve it better")
         return advice
     if not big and not retention:
-        fits = f", it fits in effective_cache_size ({format_bytes(cache)})" if cache and table.total_bytes < cache else ""
+        fits = (f", it fits in effective_cache_size ({format_bytes(cache)})"
+                if cache and table.total_bytes < cache else "")
         advice.reason = (f"{size_text} is below partition_min_table_bytes ({format_bytes(min_bytes)}){fits}, "
                          "and no retention DELETE was logged")
         return advice

@@ -31,7 +31,7 @@ _NUMBER = re.compile(r"^-?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 @dataclass
 class Instance:
     """Something to EXPLAIN for a template: the normalized text plus values for its $n, or a generic plan."""
-    sql: str                                   # normalized text with $n (or literal SQL when params is None and not generic)
+    sql: str                                   # normalized text with $n (literal SQL for sample/literal instances)
     params: tuple[str | None, ...] | None      # values for $1..$n; None: plan `sql` as it is (literal or generic)
     source: str                                # logged | sample | synthesized | generic
     tables: frozenset[str]                     # qualified tables the statement touches

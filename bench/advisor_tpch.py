@@ -9,11 +9,11 @@ share of the tables' size) three advisors choose indexes from that log: pgpilot,
 baseline at its 50% and 10% savings thresholds (it has no budget: its picks are kept by decreasing savings
 while they fit, and the row says when that trimmed it). For each choice the table shows the indexes, their
 size, the estimated workload cost relative to no indexes (HypoPG, calls-weighted, on instances the advisors
-never saw), and the real runtime of the workload with the indexes built (one copy of the database per configuration): each
-round runs one of those unseen instances of every template under every configuration in turn, their order
-rotated, and weights its time by the template's frequency. With --no-parameters the log holds no values: both advisors
-plan generic plans (as Dexter does on PostgreSQL 15).
-Parallel query and JIT are off so that runtimes compare plans, not the machine's mood.
+never saw), and the real runtime of the workload with the indexes built (one copy of the database per
+configuration): each round runs one of those unseen instances of every template under every configuration
+in turn, their order rotated, and weights its time by the template's frequency. With --no-parameters the
+log holds no values: both advisors plan generic plans (as Dexter does on PostgreSQL 15). Parallel query and
+JIT are off so that runtimes compare plans, not the machine's mood.
 """
 from __future__ import annotations
 

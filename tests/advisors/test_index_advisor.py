@@ -1,4 +1,4 @@
-"""The index advisor on a logged TPC-H workload: useful indexes, no regressions, drop advice, nothing applied unasked."""
+"""The index advisor on a logged TPC-H workload: useful indexes, no regression, drop advice, nothing unasked."""
 from __future__ import annotations
 
 import json
