@@ -23,6 +23,7 @@ from pglast.stream import RawStream
 from advisors.catalog import (SCRATCH_SCHEMA_PREFIX, Catalog, Table, format_bytes, load_catalog, parse_bytes,
                               quote_ident, quote_literal)
 from advisors.workload import Template, Workload, render_literal
+from advisors.whatif import plan_values
 
 log = logging.getLogger("pgpilot.advisors")
 
@@ -497,19 +498,7 @@ def _explain_cost(conn, sql: str) -> tuple[float, list[str]] | None:
         log.debug("validation explain failed: %s", e)
         return None
     plan = row[0][0]["Plan"]
-    rels = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "Relation Name" in node:
-                rels.append(node["Relation Name"])
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-    walk(plan)
-    return plan["Total Cost"], rels
+    return plan["Total Cost"], plan_values(plan, "Relation Name")
 
 
 def validate(conn, table: Table, advice: PartitionAdvice, workload: Workload, catalog: Catalog,

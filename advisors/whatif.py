@@ -210,19 +210,7 @@ class WhatIf:
             return None
 
     def used_indexes(self, plan: dict) -> list[str]:
-        found = []
-
-        def walk(node):
-            if isinstance(node, dict):
-                if "Index Name" in node:
-                    found.append(node["Index Name"])
-                for v in node.values():
-                    walk(v)
-            elif isinstance(node, list):
-                for v in node:
-                    walk(v)
-        walk(plan)
-        return found
+        return plan_values(plan, "Index Name")
 
     def _form(self, inst: Instance) -> tuple | None:
         """How to EXPLAIN an instance, found once by trying the candidate renderings in order."""
@@ -331,3 +319,20 @@ def _neutral(type_name: str) -> str | None:
 def _top(explain_json) -> dict:
     data = explain_json if isinstance(explain_json, list) else json.loads(explain_json)
     return data[0]["Plan"]
+
+
+def plan_values(plan, key: str) -> list:
+    """Every value of `key` in an EXPLAIN (FORMAT JSON) plan tree, in depth-first order."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if key in node:
+                found.append(node[key])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(plan)
+    return found
