@@ -151,10 +151,11 @@ class SimResult:
 
 
 def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int] | None = None, *,
-             lookup_us: float = 0.0, byte_cost_us: float = 0.0) -> SimResult:
+             lookup_us: float = 0.0, byte_cost_us: float = 0.0, measure_from: int = 0) -> SimResult:
     """Replay a trace: policy is never | always | model (admit templates in `admitted`) | oracle.
 
     The oracle looks up only the reads that will hit (it knows), the others every read they may cache.
+    measure_from: trace position where counting starts; the entries before it only warm the cache.
     """
     res = SimResult(policy, capacity_bytes, lookup_us=lookup_us, byte_cost_us=byte_cost_us)
     entries: OrderedDict[int, float] = OrderedDict()   # key -> bytes, in LRU order
@@ -175,6 +176,8 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
         next_of.pop(k, None)
 
     for i in range(len(trace)):
+        if i == measure_from and i:
+            res = SimResult(policy, capacity_bytes, lookup_us=lookup_us, byte_cost_us=byte_cost_us)
         tid = int(trace.template[i])
         if not trace.is_read[i]:
             for x in trace.writes_tables[tid]:
@@ -274,49 +277,119 @@ def window_masks(event_log: EventLog, mask: np.ndarray, windows: int) -> list[np
     return out
 
 
-def window_samples(event_log: EventLog, mask: np.ndarray, windows: int, lookup_us: float,
-                   byte_cost_us: float) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
-    """(X, y, fingerprints, window): one sample per read template per time window; y = caching paid there."""
-    X_parts, y_parts, fps, window_ids = [], [], [], []
+def window_ids(event_log: EventLog, mask: np.ndarray, windows: int, indices: np.ndarray) -> np.ndarray:
+    """The window (as window_masks cuts the masked events) of each event index in `indices`."""
+    pos = np.searchsorted(np.nonzero(mask)[0], indices)
+    bounds = np.linspace(0, int(mask.sum()), windows + 1).astype(int)
+    return np.clip(np.searchsorted(bounds, pos, side="right") - 1, 0, windows - 1)
+
+
+@dataclass
+class Samples:
+    """One sample per read template per time window of the training part."""
+
+    X: np.ndarray
+    y: np.ndarray              # caching paid in that window (net > 0)
+    net_us: np.ndarray         # what caching the template saved there, net of lookups and bytes stored
+    fingerprints: list
+    window: np.ndarray
+
+    @property
+    def weight(self) -> np.ndarray:
+        """Sample weights: how much DB time rides on the decision (|net| plus one lookup), mean 1."""
+        return weights_of(self.net_us)
+
+
+def weights_of(net_us: np.ndarray) -> np.ndarray:
+    w = np.abs(net_us) + 1.0
+    return w / w.mean() if len(w) else w
+
+
+PRIOR_READS = 10.0   # reads a template needs before its own reuse rate outweighs the workload's
+
+
+def reuse_rates(trace: Trace, n_templates: int) -> tuple[np.ndarray, float]:
+    """(per template, the whole trace) the share of reads an unbounded cache answers, remembering across the
+    trace; per template shrunk towards the whole trace's rate by PRIOR_READS reads (empirical Bayes): a
+    template read six times that happened to draw six different parameter values is not thereby never reused."""
+    hit = np.zeros(len(trace), bool)
+    hit[trace.next_use[trace.next_use != _INF]] = True
+    reads = np.bincount(trace.template[trace.is_read], minlength=n_templates).astype(float)
+    hits = np.bincount(trace.template[hit], minlength=n_templates).astype(float)
+    overall = float(hits.sum() / reads.sum()) if reads.sum() else 0.0
+    return (hits + PRIOR_READS * overall) / (reads + PRIOR_READS), overall
+
+
+def window_samples(event_log: EventLog, mask: np.ndarray, windows: int, byte_cost_us: float) -> Samples:
+    """One sample per read template per time window; y = caching pays there, net_us = by how much (expected).
+
+    The expected net of a template in a window is the DB time its reads there would save (reuse rate x their
+    time) minus the storage cost of the bytes its misses store. Lookups cost the proxy, not the database:
+    they are left out of the decision and charged in the evaluation's net figures. The reuse rate comes from the whole masked part replayed through an
+    unbounded cache that remembers across windows (reuse_rates): cut per window, a template that runs a few
+    times a day could never show a reuse, though its rare reuse saves the most (an analytical query repeated
+    with the same parameters); and shrunk towards the workload's rate, so a rare template is judged by what
+    is typical until its own history says otherwise.
+    """
     n_t = len(event_log.fingerprints)
+    trace = build_trace(event_log, mask)
+    rate, _ = reuse_rates(trace, n_t)
+    wid = window_ids(event_log, mask, windows, trace.index)
+    calls_all = np.bincount(event_log.template[mask], minlength=n_t)
+    X_parts, y_parts, nets, fps, window_ids_out = [], [], [], [], []
     for w, wmask in enumerate(window_masks(event_log, mask, windows)):
         if wmask.sum() < 50:
             continue
-        trace = build_trace(event_log, wmask)
-        value = template_value(trace, n_t, lookup_us, byte_cost_us)
+        sel = (wid == w) & trace.is_read
+        t = trace.template[sel]
+        reads = np.bincount(t, minlength=n_t).astype(float)
+        time_read = np.bincount(t, weights=trace.duration_us[sel], minlength=n_t)
+        bytes_read = np.bincount(t, weights=trace.bytes_out[sel], minlength=n_t)
+        net_w = rate * time_read - byte_cost_us * (1.0 - rate) * bytes_read
         stats = template_stats(event_log, wmask)
         calls = np.bincount(event_log.template[wmask], minlength=n_t)
         logged = np.bincount(event_log.template[wmask & event_log.has_params], minlength=n_t) > calls / 2
         rows, labels = [], []
-        for tid in np.nonzero(value["reads"])[0]:
+        for tid in np.nonzero(reads)[0]:
             fp = event_log.fingerprints[tid]
             tp = event_log.templates.get(fp)
-            if fp not in stats or tp is None:
+            if fp not in stats or tp is None or not calls_all[tid]:
                 continue
-            net = value["net_us"][tid]
+            net = net_w[tid]
             if not logged[tid] and _has_parameters(tp.normalized_sql):
-                net = estimated_value(stats[fp], lookup_us, byte_cost_us, value["reads"][tid])
+                net = estimated_value(stats[fp], 0.0, byte_cost_us, reads[tid])
             rows.append({"sql": tp.normalized_sql, "template": stats[fp]})
             labels.append(int(net > 0))
+            nets.append(float(net))
             fps.append(fp)
         if rows:
             X_parts.append(transform_many(rows, KIND))
             y_parts.append(np.array(labels))
-            window_ids += [w] * len(rows)
+            window_ids_out += [w] * len(rows)
     if not X_parts:
-        return np.zeros((0, len(FEATURE_NAMES[KIND])), np.float32), np.zeros(0, int), [], np.zeros(0, int)
-    return np.vstack(X_parts), np.concatenate(y_parts), fps, np.array(window_ids)
+        return Samples(np.zeros((0, len(FEATURE_NAMES[KIND])), np.float32), np.zeros(0, int), np.zeros(0), [],
+                       np.zeros(0, int))
+    return Samples(np.vstack(X_parts), np.concatenate(y_parts), np.array(nets), fps, np.array(window_ids_out))
 
 
-def fit_classifier(X: np.ndarray, y: np.ndarray, seed: int = 0):
-    """A small gradient-boosted classifier of "caching pays" (None when the labels have one class only)."""
+def fit_classifier(X: np.ndarray, y: np.ndarray, seed: int = 0, sample_weight: np.ndarray | None = None):
+    """A small gradient-boosted classifier of "caching pays" (None when the labels have one class only).
+
+    Weighted by the DB time at stake (Samples.weight), a probability above 0.5 means the expected net saving is
+    positive: a template whose reuse is rare but saves seconds each time is admitted, one that saves a few
+    microseconds now and then is not. Leaves hold at least MIN_LEAF samples, so one template's few windows
+    (its lucky or unlucky draws of parameter values) cannot make a leaf of their own.
+    """
     from sklearn.ensemble import GradientBoostingClassifier
     if len(np.unique(y)) < 2:
         return None
     model = GradientBoostingClassifier(n_estimators=60, max_depth=3, learning_rate=0.1, subsample=0.9,
-                                       random_state=seed)
-    model.fit(X, y)
+                                       min_samples_leaf=MIN_LEAF, random_state=seed)
+    model.fit(X, y, sample_weight=sample_weight)
     return model
+
+
+MIN_LEAF = 10
 
 
 def template_rows(event_log: EventLog, stats: dict) -> tuple[np.ndarray, list[int]]:
@@ -381,17 +454,24 @@ THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 
 def choose_threshold(model, event_log: EventLog, fit_mask: np.ndarray, val_mask: np.ndarray,
                      capacity_share: float) -> tuple[float, list]:
-    """The admission probability that saves the most DB time on a validation window (ties: the stricter one)."""
+    """The admission probability that saves the most DB time on a validation window (ties: nearest to 0.5).
+
+    The replay runs over the fit and validation parts together and counts from the validation window on, so
+    the cache enters it warm, as a running cache would (a result cached before the window can hit inside it).
+    The cache size is capacity_share of the distinct bytes read in the validation window.
+    """
     stats = template_stats(event_log, fit_mask)
     X, tids = template_rows(event_log, stats)
     if not len(X):
         return 0.5, []
     proba = model.predict_proba(X)[:, 1]
-    trace = build_trace(event_log, val_mask)
-    capacity = max(distinct_result_bytes(trace), 1.0) * capacity_share
+    trace = build_trace(event_log, fit_mask | val_mask)
+    in_val = val_mask[trace.index]
+    start = int(np.argmax(in_val)) if in_val.any() else len(trace)
+    capacity = max(distinct_result_bytes(build_trace(event_log, val_mask)), 1.0) * capacity_share
     tried = []
     for th in THRESHOLDS:
-        saved = simulate(trace, "model", capacity, admitted_at(proba, tids, th)).saved_us
+        saved = simulate(trace, "model", capacity, admitted_at(proba, tids, th), measure_from=start).saved_us
         tried.append({"threshold": th, "saved_s": saved / 1e6})
-    best = max(tried, key=lambda r: (round(r["saved_s"], 6), r["threshold"]))
+    best = max(tried, key=lambda r: (round(r["saved_s"], 6), -abs(r["threshold"] - 0.5)))
     return best["threshold"], tried

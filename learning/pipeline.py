@@ -324,17 +324,19 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
     cfg = settings.learning
     costs = {"lookup_us": cfg.cache_lookup_us, "byte_cost_us": cfg.cache_byte_cost_us}
     # Samples from 6 windows of the training part; the admission threshold is chosen on the last window with a
-    # model fit on the first five, then the model is refit on all six.
-    X, y, _, win = cm.window_samples(event_log, train, 6, cfg.cache_lookup_us, cfg.cache_byte_cost_us)
+    # model fit on the first five (their own samples, reuse rates from them alone), then refit on all six.
+    samples = cm.window_samples(event_log, train, 6, cfg.cache_byte_cost_us)
+    X, y, w = samples.X, samples.y, samples.weight
     val_part = cm.window_masks(event_log, train, 6)[-1]
-    model = cm.fit_classifier(X[win < 5], y[win < 5], settings.seed)
+    fit_part = cm.window_samples(event_log, train & ~val_part, 5, cfg.cache_byte_cost_us)
+    model = cm.fit_classifier(fit_part.X, fit_part.y, settings.seed, fit_part.weight)
     if model is None:
-        model = cm.fit_classifier(X, y, settings.seed)
+        model = cm.fit_classifier(X, y, settings.seed, w)
         threshold, tried = 0.5, []
     else:
         threshold, tried = cm.choose_threshold(model, event_log, train & ~val_part, val_part,
                                                CACHE_CAPACITY_SHARES[1])
-        model = cm.fit_classifier(X, y, settings.seed) or model
+        model = cm.fit_classifier(X, y, settings.seed, w) or model
     if model is None:
         return {"skipped": f"labels of one class only ({len(y)} samples)", "headline": "skipped: one class"}
     stats = template_stats(event_log, train)

@@ -59,6 +59,24 @@ def test_the_next_use_stops_at_an_invalidating_write():
     assert trace.next_use[1] == np.iinfo(np.int64).max
 
 
+def test_a_warm_start_counts_only_from_the_measured_position():
+    trace = make_trace([("r", 0, 1, 500, 100), ("r", 0, 1, 400, 100), ("r", 0, 1, 300, 100)])
+    r = cm.simulate(trace, "always", 1000, measure_from=2)
+    assert (r.reads, r.hits, r.saved_us) == (1, 1, 300.0)
+
+
+def test_reuse_across_windows_counts_and_rare_templates_are_shrunk_to_the_workload_rate():
+    # template 2 is read twice with one key, once in each half; template 0 reads ten distinct keys
+    events = [("r", 0, k, 100, 10) for k in range(10)]
+    events = events[:5] + [("r", 2, 70, 9000, 10)] + events[5:] + [("r", 2, 70, 9000, 10)]
+    trace = make_trace(events)
+    rate, overall = cm.reuse_rates(trace, 4)
+    assert overall == 1 / 12
+    assert rate[0] == (0 + cm.PRIOR_READS * overall) / (10 + cm.PRIOR_READS)
+    assert rate[2] == (1 + cm.PRIOR_READS * overall) / (2 + cm.PRIOR_READS)
+    assert rate[2] > rate[0]
+
+
 def test_net_benefit_charges_lookups_and_bytes():
     trace = make_trace([("r", 0, 1, 500, 100), ("r", 0, 1, 400, 100)])
     r = cm.simulate(trace, "always", 1000, lookup_us=10, byte_cost_us=0.5)
@@ -68,11 +86,12 @@ def test_net_benefit_charges_lookups_and_bytes():
 @pytest.fixture(scope="module")
 def cache_evaluation(event_log):
     train, test = time_split(event_log, 0.3)
-    X, y, _, window = cm.window_samples(event_log, train, 6, 20.0, 0.01)
     val = cm.window_masks(event_log, train, 6)[-1]
-    model = cm.fit_classifier(X[window < 5], y[window < 5])
+    fit = cm.window_samples(event_log, train & ~val, 5, 0.01)
+    model = cm.fit_classifier(fit.X, fit.y, sample_weight=fit.weight)
     threshold, _ = cm.choose_threshold(model, event_log, train & ~val, val, 0.01)
-    model = cm.fit_classifier(X, y)
+    samples = cm.window_samples(event_log, train, 6, 0.01)
+    model = cm.fit_classifier(samples.X, samples.y, sample_weight=samples.weight)
     rows, tids = cm.template_rows(event_log, template_stats(event_log, train))
     admitted = cm.admitted_at(model.predict_proba(rows)[:, 1], tids, threshold)
     trace = cm.build_trace(event_log, test)
