@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="what", required=True)
     ix = sub.add_parser("indexes", parents=[common], help="indexes to create and to drop")
     ix.add_argument("--budget", help="space for new indexes: 500MB, 2GB, or 25%% of the tables' size")
+    ix.add_argument("--min-gain-per-size", type=float, metavar="X",
+                    help="an index must cut the remaining workload cost by X times the share of the data's size "
+                         "it takes (default: advisors.min_gain_per_size, 0.25; 0: no size bar)")
     ix.add_argument("--no-drops", action="store_true", help="do not look at existing indexes")
     ix.add_argument("--baseline", action="store_true", help="also show what a Dexter-style advisor would pick")
     ix.add_argument("--apply", action="store_true", help="run the CREATE INDEX CONCURRENTLY statements")
@@ -113,9 +116,8 @@ def resolve_budget(text: str, catalog, workload) -> int:
     """'500MB' as bytes, or 'N%' of the heap size of the tables the workload reads."""
     text = text.strip()
     if text.endswith("%"):
-        names = {n for t in workload.templates for n in t.tables}
-        data = sum(catalog.tables[n].heap_bytes for n in names if n in catalog.tables)
-        return int(data * float(text[:-1]) / 100)
+        from advisors.indexes import workload_data_bytes
+        return int(workload_data_bytes(workload, catalog) * float(text[:-1]) / 100)
     return parse_bytes(text)
 
 
@@ -128,7 +130,10 @@ def _indexes(args, target, store, settings, config_name) -> int:
     budget = resolve_budget(args.budget or settings.storage_budget, catalog, workload)
     whatif = WhatIf(target, catalog)
     try:
-        advice = advise_indexes(target, workload, catalog, budget, AdvisorSettings.from_config(settings),
+        advisor_settings = AdvisorSettings.from_config(settings)
+        if args.min_gain_per_size is not None:
+            advisor_settings.min_gain_per_size = args.min_gain_per_size
+        advice = advise_indexes(target, workload, catalog, budget, advisor_settings,
                                 whatif=whatif, include_drops=not args.no_drops)
         baseline = None
         if args.baseline:

@@ -7,7 +7,10 @@
    sum over templates of calls x mean estimated cost, plus each index's write overhead (rows the log says
    were written to its table x advisors.index_write_cost).
 3. Selection is greedy with (lazy) re-evaluation under the storage budget, run twice (benefit per byte, and
-   absolute benefit), keeping the cheaper result; indexes that stopped paying are pruned at the end.
+   absolute benefit); indexes that stopped paying are pruned at the end. It stops at diminishing returns: an
+   index must save at least min_benefit_fraction of the current workload cost, and at least min_gain_per_size
+   times the share of the data's size it takes (see `min_gain`). Of the two results the smaller is kept unless
+   the larger one's extra saving clears the same bar for its extra size.
 4. Existing indexes are checked: invalid ones, exact duplicates, those covered by a longer index with the
    same prefix, and those never scanned since the statistics reset get drop advice, each checked against
    the workload (hidden with hypopg_hide_index where HypoPG has it, else by the plans that use it).
@@ -107,12 +110,27 @@ class AdvisorSettings:
     partial_min_share: float = 0.8
     unused_min_days: float = 7.0
     instances_for_selection: int = 3
+    min_gain_per_size: float = 0.25
 
     @classmethod
     def from_config(cls, cfg) -> "AdvisorSettings":
         return cls(cfg.max_index_columns, cfg.max_include_columns, cfg.index_write_cost,
                    cfg.min_benefit_fraction, cfg.partial_min_share, cfg.unused_min_days,
-                   cfg.instances_per_template)
+                   cfg.instances_per_template, cfg.min_gain_per_size)
+
+
+def min_gain(current_cost: float, size_bytes: int, data_bytes: int, min_fraction: float,
+             min_gain_per_size: float) -> float:
+    """The least an index must save (planner cost units, write overhead deducted) to be worth creating.
+
+    Two bars relative to what the workload costs now, with the indexes already chosen: a share of that cost
+    (`min_fraction`), and a share proportional to the index's size (`min_gain_per_size` x size / data size).
+    With min_gain_per_size = 0.25, an index a tenth the size of the data must cut the remaining workload cost
+    by 2.5%: returns diminish as indexes are added, and an index that buys little for its space (and for the
+    writes and cache it costs, which the planner does not see) is left out even when the budget has room.
+    """
+    share = min_gain_per_size * size_bytes / data_bytes if data_bytes > 0 else 0.0
+    return current_cost * max(min_fraction, share)
 
 
 # -- costs ------------------------------------------------------------------------------------------------------
@@ -318,11 +336,13 @@ class Selector:
     """Greedy selection with re-evaluation under a byte budget (see the module docstring)."""
 
     def __init__(self, model: WorkloadCost, candidates: dict[IndexSpec, set[str]], budget: int,
-                 min_fraction: float, progress_every: float = 10.0):
+                 min_fraction: float, progress_every: float = 10.0, data_bytes: int = 0,
+                 min_gain_per_size: float = 0.0):
         self.model = model
         self.budget = budget
         self.min_fraction = min_fraction
-        self.min_gain = 0.0
+        self.data_bytes = data_bytes
+        self.min_gain_per_size = min_gain_per_size
         self.progress_every = progress_every
         self.sizes = {s: model.whatif.size(s) for s in candidates}
         self.affected: dict[IndexSpec, list[Template]] = {}
@@ -374,6 +394,9 @@ class Selector:
     def gain(self, spec: IndexSpec, chosen: frozenset) -> float:
         return self._gain(spec, chosen, self.affected[spec])[0]
 
+    def min_gain(self, spec: IndexSpec, current_cost: float) -> float:
+        return min_gain(current_cost, self.sizes[spec], self.data_bytes, self.min_fraction, self.min_gain_per_size)
+
     def run(self, per_byte: bool) -> list[IndexSpec]:
         chosen: list[IndexSpec] = []
         used = 0
@@ -386,17 +409,21 @@ class Selector:
         rechecked = False
         while True:
             # An index must save a share of what the workload costs now, not of what it cost without indexes.
-            self.min_gain = self.min_fraction * self.model.total(frozenset(chosen))
-            fits = sorted((s for s in pool if used + self.sizes[s] <= self.budget and bound[s] > self.min_gain),
+            current = self.model.total(frozenset(chosen))
+            bar = {s: self.min_gain(s, current) for s in pool}
+            fits = sorted((s for s in pool if used + self.sizes[s] <= self.budget and bound[s] > bar[s]),
                           key=lambda s: score(s, bound[s]), reverse=True)
             picked = None
-            fresh: dict[IndexSpec, float] = {}
+            fresh: dict[IndexSpec, float] = {}   # re-costed gains of the candidates that clear their bar
             for k, s in enumerate(fits):
-                fresh[s] = bound[s] = self.gain(s, frozenset(chosen))
-                best = max(fresh, key=lambda x: score(x, fresh[x]))
+                bound[s] = self.gain(s, frozenset(chosen))
+                if bound[s] > bar[s]:
+                    fresh[s] = bound[s]
+                best = max(fresh, key=lambda x: score(x, fresh[x]), default=None)
                 # Lazy evaluation: stop once the best fresh score beats every remaining (stale) bound.
-                if k + 1 == len(fits) or score(best, fresh[best]) >= score(fits[k + 1], bound[fits[k + 1]]):
-                    picked = best if fresh[best] > self.min_gain else None
+                if k + 1 == len(fits) or best is not None and score(best, fresh[best]) >= score(
+                        fits[k + 1], bound[fits[k + 1]]):
+                    picked = best
                     break
             if picked is None:
                 if rechecked or not fits and not pool:
@@ -415,27 +442,34 @@ class Selector:
 
     def prune(self, chosen: list[IndexSpec]) -> list[IndexSpec]:
         """Drop indexes that no longer pay once the others exist (a later, wider index can subsume one)."""
-        self.min_gain = self.min_fraction * self.model.total(frozenset(chosen))
-        changed = True
-        while changed:
-            changed = False
-            for spec in list(chosen):
-                rest = frozenset(x for x in chosen if x is not spec)
-                if self.gain(spec, rest) <= self.min_gain:
-                    chosen.remove(spec)
-                    changed = True
+        while chosen:
+            current = self.model.total(frozenset(chosen))
+            # The index furthest below its bar goes first; then the others are judged again without it.
+            worst, worst_ratio = None, 1.0
+            for spec in chosen:
+                gain = self.gain(spec, frozenset(x for x in chosen if x is not spec))
+                bar = self.min_gain(spec, current)
+                ratio = gain / bar if bar > 0 else math.inf if gain > 0 else 0.0
+                if ratio <= worst_ratio:
+                    worst, worst_ratio = spec, ratio
+            if worst is None:
+                break
+            chosen.remove(worst)
         return chosen
 
     def select(self) -> list[IndexSpec]:
-        best, best_cost = [], None
+        results = []
         for per_byte in (True, False):
             picked = self.run(per_byte)
-            cost = self.model.total(frozenset(picked))
+            cost, size = self.model.total(frozenset(picked)), sum(self.sizes[s] for s in picked)
             log.info("greedy (%s): %d indexes, %s, workload cost %.4g", "per byte" if per_byte else "absolute",
-                     len(picked), format_bytes(sum(self.sizes[s] for s in picked)), cost)
-            if best_cost is None or cost < best_cost:
-                best, best_cost = picked, cost
-        return best
+                     len(picked), format_bytes(size), cost)
+            results.append((size, cost, picked))
+        # The smaller result, unless the larger one's extra saving clears the same bar for its extra size.
+        (small_size, small_cost, small), (large_size, large_cost, large) = sorted(results, key=lambda r: r[:2])
+        extra = min_gain(large_cost, large_size - small_size, self.data_bytes, self.min_fraction,
+                         self.min_gain_per_size)
+        return large if small_cost - large_cost > extra else small
 
 
 # -- existing indexes -------------------------------------------------------------------------------------------
@@ -604,6 +638,12 @@ def _unique_name(spec: IndexSpec, catalog: Catalog, taken: set[str]) -> str:
     return name
 
 
+def workload_data_bytes(workload: Workload, catalog: Catalog) -> int:
+    """Heap size of the tables the workload reads (what a budget of N% and min_gain_per_size refer to)."""
+    names = {n for t in workload.templates for n in t.tables}
+    return sum(catalog.tables[n].heap_bytes for n in names if n in catalog.tables)
+
+
 def advise_indexes(target_conn, workload: Workload, catalog: Catalog, budget_bytes: int,
                    settings: AdvisorSettings | None = None, whatif: WhatIf | None = None,
                    include_drops: bool = True) -> IndexAdvice:
@@ -620,7 +660,9 @@ def advise_indexes(target_conn, workload: Workload, catalog: Catalog, budget_byt
         before = model.total(frozenset())
         candidates = generate_candidates(workload, catalog, settings, model.templates)
         log.info("%d templates, %d candidate indexes", len(model.templates), len(candidates))
-        selector = Selector(model, candidates, budget_bytes, settings.min_benefit_fraction)
+        selector = Selector(model, candidates, budget_bytes, settings.min_benefit_fraction,
+                            data_bytes=workload_data_bytes(workload, catalog),
+                            min_gain_per_size=settings.min_gain_per_size)
         chosen = selector.select()
         final = frozenset(chosen)
         after = model.total(final)

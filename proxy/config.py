@@ -184,6 +184,7 @@ class AdvisorsConfig(_Section):
     max_include_columns: int = Field(6, ge=0)   # INCLUDE columns per covering candidate (0: none)
     index_write_cost: float = Field(0.5, ge=0)  # planner cost units per written row per index
     min_benefit_fraction: float = Field(0.005, ge=0)  # an index must save this share of the workload cost
+    min_gain_per_size: float = Field(0.25, ge=0)  # ...and this x its size / the data's size (0: no size bar)
     partial_min_share: float = Field(0.8, gt=0, le=1)  # a constant seen this often makes a partial index candidate
     unused_min_days: float = Field(7.0, ge=0)   # statistics younger than this make drop advice low-confidence
     partition_min_table_bytes: str = "1GB"      # smaller tables are partitioned only for retention
