@@ -17,18 +17,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from learning.logdata import EventLog, prepared_events, serving_context
-from proxy.features import (ANOMALY_CLASSES, FEATURE_NAMES, SLOW_OVER_P95_LOG10, ServingContext, anomaly_signals,
-                            transform_many)
+from proxy.features import (ANOMALY_CLASSES, FEATURE_NAMES, SLOW_OVER_EXPECTED_LOG10, ServingContext,
+                            anomaly_signals, transform_many)
 
 log = logging.getLogger("pgpilot.learn")
 
 KIND = "anomaly"
 NAMES = FEATURE_NAMES[KIND]
 _C = {name: i for i, name in enumerate(NAMES)}
-ISOLATION_WEIGHT = 0.25   # how much isolation beyond normal traffic adds to the rule score
+# How much isolation beyond normal traffic adds to the rule score: less than the 0.2 that separates a familiar
+# sender's new template (0.3) from a flag (0.5), so that a rare template of a known application (an analytical
+# query run a few times a day) needs a second sign.
+ISOLATION_WEIGHT = 0.15
 ISOLATION_QUANTILE = 99.9  # training isolation scores above this percentile count as isolated
 # At most this share of the training traffic may look like slow outliers (learning.anomaly_slow_tolerance): on
-# a server whose timings are noisy (stalls of 10x and more), the slow threshold rises until noise stops flagging.
+# a server whose timings are noisy (stalls of milliseconds), the slow threshold rises until noise stops flagging.
 SLOW_TOLERANCE = 0.001
 
 
@@ -39,7 +42,7 @@ class Teacher:
     forest: object
     iso_lo: float   # isolation score at the ISOLATION_QUANTILE of training rows
     iso_hi: float   # the most isolated training row
-    slow_over_p95_log10: float = SLOW_OVER_P95_LOG10
+    slow_over_expected_log10: float = SLOW_OVER_EXPECTED_LOG10
 
     def isolation(self, X: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
         """How isolated rows are, 0 (like training traffic) to 1; raw: precomputed forest.score_samples(X)."""
@@ -47,7 +50,7 @@ class Teacher:
         return np.clip((s - self.iso_lo) / max(self.iso_hi - self.iso_lo, 1e-6), 0.0, 1.0)
 
     def score(self, X: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
-        rules = anomaly_signals(X, self.slow_over_p95_log10).max(axis=1)
+        rules = anomaly_signals(X, self.slow_over_expected_log10).max(axis=1)
         return np.clip(rules + ISOLATION_WEIGHT * self.isolation(X, raw), 0.0, 1.5)
 
 
@@ -61,14 +64,16 @@ def fit_teacher(X: np.ndarray, seed: int = 0, slow_tolerance: float = SLOW_TOLER
 
 
 def slow_threshold(X: np.ndarray, tolerance: float = SLOW_TOLERANCE) -> float:
-    """The slow-outlier threshold (log10 of times the p95) that at most `tolerance` of training rows reach."""
+    """The slow-outlier threshold (log10 of times the expected time) that at most `tolerance` of training rows
+    reach, never below SLOW_OVER_EXPECTED_LOG10."""
     slow_column = ANOMALY_CLASSES.index("slow_outlier")
-    at_default = anomaly_signals(X)[:, slow_column]
-    candidates = np.sort(X[at_default >= 0.6, _C["ev_over_p95_log10"]])   # rows the default threshold flags
+    at_default = anomaly_signals(X)[:, slow_column] >= 0.6            # rows the default threshold flags
+    over = (X[at_default, _C["ev_duration_log"]] - X[at_default, _C["ev_expected_log"]]) / np.log(10.0)
+    candidates = np.sort(over)
     allowed = int(tolerance * len(X))
     if len(candidates) <= allowed:
-        return SLOW_OVER_P95_LOG10
-    return max(SLOW_OVER_P95_LOG10, float(candidates[len(candidates) - allowed - 1]) + 1e-3)
+        return SLOW_OVER_EXPECTED_LOG10
+    return max(SLOW_OVER_EXPECTED_LOG10, float(candidates[len(candidates) - allowed - 1]) + 1e-3)
 
 
 def augment(X: np.ndarray, rng: np.random.Generator, per_class: int) -> np.ndarray:
@@ -86,9 +91,13 @@ def augment(X: np.ndarray, rng: np.random.Generator, per_class: int) -> np.ndarr
     known = X[:, _C["hist_known"]] > 0
     if known.any():
         Xk = X[known]
-        # slow: the same template, up to 1000x its usual time
+        # slow: the same statement, up to 1000x the time its template's fit expects of it
         b = Xk[rng.integers(0, len(Xk), per_class)].copy()
-        b[:, _C["ev_duration_log"]] = b[:, _C["hist_p50_log_us"]] + rng.uniform(0.0, np.log(1000), per_class)
+        k = rng.uniform(0.0, np.log(1000), per_class)
+        b[:, _C["ev_duration_log"]] = b[:, _C["ev_expected_log"]] + k
+        b[:, _C["ev_z_expected"]] = np.clip(k / (1.4826 * np.maximum(b[:, _C["ev_expected_mad_log"]], 0.25)), -50, 50)
+        b[:, _C["ev_excess_expected_ms"]] = (np.expm1(b[:, _C["ev_duration_log"]])
+                                             - np.expm1(b[:, _C["ev_expected_log"]])) / 1000.0
         b[:, _C["ev_z_duration"]] = z(b[:, _C["ev_duration_log"]], b[:, _C["hist_p50_log_us"]],
                                       b[:, _C["hist_mad_log_us"]])
         duration = np.expm1(b[:, _C["ev_duration_log"]])
@@ -111,7 +120,8 @@ def augment(X: np.ndarray, rng: np.random.Generator, per_class: int) -> np.ndarr
     for name in ("hist_known", "hist_calls_log", "hist_p50_log_us", "hist_p95_log_us", "hist_mad_log_us",
                  "hist_rows_p50_log", "hist_rows_mad_log", "hist_bytes_p50_log", "hist_bytes_mad_log",
                  "hist_error_rate", "hist_apps", "ev_z_duration", "ev_z_rows", "ev_z_bytes", "ev_app_template_share",
-                 "ev_over_p95_log10", "ev_excess_ms"):
+                 "ev_over_p95_log10", "ev_excess_ms", "ev_expected_log", "ev_expected_mad_log", "ev_z_expected",
+                 "ev_excess_expected_ms"):
         b[:, _C[name]] = 0.0
     b[:, _C["ev_new_template"]] = 1.0
     _unfamiliar(b, rng)
@@ -119,7 +129,12 @@ def augment(X: np.ndarray, rng: np.random.Generator, per_class: int) -> np.ndarr
     # errors, alone and in bursts
     b = base(per_class)
     b[:, _C["ev_error"]] = 1.0
+    b[:, _C["ev_error_probe"]] = (rng.random(per_class) < 0.5).astype(float)
     b[:, _C["ev_client_recent_errors"]] = rng.integers(1, 16, per_class)
+    # ... some of them the first failure of a template that always fails (a probe sent again)
+    again = rng.random(per_class) < 0.3
+    b[again, _C["ev_client_recent_errors"]] = 1.0
+    b[again, _C["hist_error_rate"]] = rng.uniform(0.8, 1.0, int(again.sum()))
     out.append(b)
     # injection shapes, strong and weak
     b = base(per_class)
@@ -228,10 +243,10 @@ def train_and_evaluate(data: AnomalyData, *, threshold: float = 0.5, seed: int =
     flagged_t = teacher_test >= threshold
     flagged_s = student_test >= threshold
     labelled = data.labels != ""
-    signals = anomaly_signals(data.X_test, teacher.slow_over_p95_log10)
+    signals = anomaly_signals(data.X_test, teacher.slow_over_expected_log10)
     reasons = np.array(ANOMALY_CLASSES, dtype=object)[signals.argmax(axis=1)]
     metrics = {
-        "threshold": threshold, "slow_over_p95_log10": teacher.slow_over_p95_log10,
+        "threshold": threshold, "slow_over_expected_log10": teacher.slow_over_expected_log10,
         "train_rows": int(len(data.X_train)), "fit_rows": int(len(X_fit)),
         "fit_seconds": fit_s, "test_rows": int(len(data.X_test)), "labelled": int(labelled.sum()),
         "flag_rate": float(flagged_s.mean()) if len(flagged_s) else 0.0,

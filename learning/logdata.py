@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from proxy.features import ServingContext, TemplateStats
+from proxy.features import ServingContext, TemplateStats, fit_basis, param_features
 
 log = logging.getLogger("pgpilot.learn")
 
@@ -58,6 +58,8 @@ class EventLog:
     plans: dict[str, dict] = field(default_factory=dict)          # fingerprint -> latest plan facts
     tables: dict[str, dict] = field(default_factory=dict)         # relname -> latest size facts
     stats_memo: dict = field(default_factory=dict, repr=False)    # template_stats results by mask digest
+    sqlstate: np.ndarray | None = None  # int16 index into sqlstates per event ('' for success)
+    sqlstates: list = field(default_factory=lambda: [""])
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -73,6 +75,12 @@ class EventLog:
         """Statement kind per template index."""
         return np.array([self.templates[fp].kind if fp in self.templates else "other" for fp in self.fingerprints])
 
+    def sqlstate_of(self, i: int) -> str | None:
+        """Event i's SQLSTATE (None for a success; "E" for a failure whose code was not loaded)."""
+        if not self.error[i]:
+            return None
+        return (self.sqlstates[self.sqlstate[i]] if self.sqlstate is not None else "") or "E"
+
     def event_dict(self, i: int) -> dict:
         """Event i as the dict proxy.features expects (before ServingContext.prepare)."""
         t = self.template_of(i)
@@ -80,7 +88,7 @@ class EventLog:
             "sql": t.normalized_sql if t else "", "parameters": self.params[i], "ts": float(self.ts[i]),
             "fingerprint": self.fingerprints[self.template[i]], "duration_us": float(self.duration_us[i]),
             "rows": float(self.rows[i]), "bytes_out": float(self.bytes_out[i]),
-            "sqlstate": "E" if self.error[i] else None, "application_name": self.apps[self.app[i]],
+            "sqlstate": self.sqlstate_of(i), "application_name": self.apps[self.app[i]],
             "client_addr": self.clients[self.client[i]],
         }
 
@@ -117,7 +125,7 @@ def load_log(conn, since: dt.datetime | None = None, until: dt.datetime | None =
     conn.execute("SELECT setseed(%s)", (((seed % 1000) / 1000.0),))
     sql = f"""
         SELECT extract(epoch FROM ts)::float8, fingerprint, duration_us, coalesce(rows, 0), coalesce(bytes_out, 0),
-               sqlstate IS NOT NULL, coalesce(application_name, ''), coalesce(host(client_addr), ''),
+               coalesce(sqlstate, ''), coalesce(application_name, ''), coalesce(host(client_addr), ''),
                coalesce(xact_id, 0), parameters IS NOT NULL,
                CASE WHEN parameters IS NULL THEN 0
                     ELSE hashtextextended(array_to_string(parameters, chr(31), chr(30)), 0) END,
@@ -131,6 +139,8 @@ def load_log(conn, since: dt.datetime | None = None, until: dt.datetime | None =
     rows = np.empty(n, np.float64)
     nbytes = np.empty(n, np.float64)
     err = np.empty(n, bool)
+    state = np.empty(n, np.int16)
+    state_ids: dict[str, int] = {"": 0}
     app = np.empty(n, np.int32)
     client = np.empty(n, np.int32)
     xact = np.empty(n, np.int64)
@@ -155,7 +165,8 @@ def load_log(conn, since: dt.datetime | None = None, until: dt.datetime | None =
             dur[i] = r[2]
             rows[i] = r[3]
             nbytes[i] = r[4]
-            err[i] = r[5]
+            err[i] = r[5] != ""
+            state[i] = state_ids.setdefault(r[5], len(state_ids))
             app[i] = app_ids.setdefault(r[6], len(app_ids))
             client[i] = client_ids.setdefault(r[7], len(client_ids))
             xact[i] = r[8]
@@ -172,7 +183,8 @@ def load_log(conn, since: dt.datetime | None = None, until: dt.datetime | None =
         bytes_out=nbytes[:n][order], error=err[:n][order], app=app[:n][order], client=client[:n][order],
         xact=xact[:n][order], has_params=has_params[:n][order], key=key[:n][order],
         params=[params[j] for j in order], database=database[:n][order], fingerprints=list(fp_ids),
-        apps=list(app_ids), clients=list(client_ids), databases=list(db_ids))
+        apps=list(app_ids), clients=list(client_ids), databases=list(db_ids), sqlstate=state[:n][order],
+        sqlstates=list(state_ids))
     for fp, normalized, kind, read, written, first_seen, sample in conn.execute(
             "SELECT fingerprint, normalized_sql, kind, coalesce(tables_read, '{}'), coalesce(tables_written, '{}'),"
             " extract(epoch FROM first_seen)::float8, sample_sql FROM pgpilot.templates"):
@@ -333,6 +345,57 @@ def _template_stats(event_log: EventLog, mask: np.ndarray) -> dict[str, Template
     return out
 
 
+FIT_MAX_EVENTS = 3000   # events per template the expected-time fit uses (evenly spaced), at most
+FIT_RIDGE = 1.0         # ridge penalty on the fit's slopes (not on its intercept)
+
+
+def fit_expected_times(event_log: EventLog, mask: np.ndarray, stats: dict[str, TemplateStats]) -> None:
+    """Set each template's time_fit / time_fit_rows (see proxy.features.expected_time) from its successful
+    masked events: ridge regressions of ln(1 + duration us) on the statement's rows, bytes and (time_fit) its
+    parameter values, refit without the residuals beyond 3 robust deviations (stalls, anomalies)."""
+    ok = mask & ~event_log.error
+    order = np.argsort(event_log.template[ok], kind="stable")
+    idx_all = np.nonzero(ok)[0][order]
+    tmpl = event_log.template[idx_all]
+    starts = np.searchsorted(tmpl, np.arange(len(event_log.fingerprints)))
+    ends = np.searchsorted(tmpl, np.arange(len(event_log.fingerprints)), side="right")
+    for tid, fp in enumerate(event_log.fingerprints):
+        t = stats.get(fp)
+        if t is None or ends[tid] - starts[tid] < 2:
+            continue
+        idx = idx_all[starts[tid]:ends[tid]]
+        if len(idx) > FIT_MAX_EVENTS:
+            idx = idx[np.linspace(0, len(idx) - 1, FIT_MAX_EVENTS).astype(int)]
+        y = np.log1p(event_log.duration_us[idx])
+        t.time_fit_rows = _robust_ridge(
+            np.array([fit_basis(event_log.rows[i], event_log.bytes_out[i], None) for i in idx]), y)
+        with_params = [k for k, i in enumerate(idx) if event_log.params[i] is not None]
+        if len(with_params) >= 20:
+            rows = [fit_basis(event_log.rows[idx[k]], event_log.bytes_out[idx[k]],
+                              param_features(tuple(event_log.params[idx[k]]))) for k in with_params]
+            t.time_fit = _robust_ridge(np.array(rows), y[with_params])
+        else:
+            t.time_fit = None
+
+
+def _robust_ridge(B: np.ndarray, y: np.ndarray) -> list[float]:
+    """[coefficients..., lowest fitted value, highest fitted value, MAD of the residuals] of y ~ B."""
+    keep = np.ones(len(y), bool)
+    penalty = FIT_RIDGE * np.eye(B.shape[1])
+    penalty[0, 0] = 0.0
+    for _ in range(2):
+        Bk, yk = B[keep], y[keep]
+        w = np.linalg.solve(Bk.T @ Bk + penalty, Bk.T @ yk)
+        r = y - B @ w
+        mad = float(np.median(np.abs(r[keep] - np.median(r[keep]))))
+        keep = np.abs(r - np.median(r[keep])) <= 3.0 * 1.4826 * max(mad, 0.1)
+        if keep.sum() < max(2, B.shape[1]):
+            keep[:] = True
+    fitted = B[keep] @ w
+    mad = float(np.median(np.abs(r[keep] - np.median(r[keep]))))
+    return [float(c) for c in w] + [float(fitted.min()), float(fitted.max()), mad]
+
+
 def serving_context(event_log: EventLog, mask: np.ndarray | None = None, error_window_s: float = 10.0, *,
                     min_template_calls: int = 20, min_known_share: float = 0.5, app_min_share: float = 0.002,
                     client_min_share: float = 0.0005) -> ServingContext:
@@ -345,7 +408,10 @@ def serving_context(event_log: EventLog, mask: np.ndarray | None = None, error_w
     client_counts = np.bincount(event_log.client[mask], minlength=len(event_log.clients))
     apps = {event_log.apps[a] for a in np.nonzero(app_counts >= max(50, app_min_share * n))[0]}
     clients = {event_log.clients[c] for c in np.nonzero(client_counts >= max(20, client_min_share * n))[0]}
-    return ServingContext(template_stats(event_log, mask), apps, clients, error_window_s,
+    stats = template_stats(event_log, mask)
+    if not any(t.time_fit_rows is not None for t in stats.values()):
+        fit_expected_times(event_log, mask, stats)
+    return ServingContext(stats, apps, clients, error_window_s,
                           min_template_calls=min_template_calls, min_known_share=min_known_share)
 
 

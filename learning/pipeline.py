@@ -289,7 +289,7 @@ def train_anomaly_model(settings: LearnSettings, registry: Registry, event_log: 
     onnx_bytes = export_onnx(result.student, an.KIND, algorithm="distilled-xgboost", metrics=brief,
                              training_window=window, extra={"threshold": cfg.anomaly_threshold,
                                                             "classes": list(an.ANOMALY_CLASSES),
-                                                            "slow_over_p95_log10": result.teacher.slow_over_p95_log10})
+                                                            "slow_over_expected_log10": result.teacher.slow_over_expected_log10})
     sample = data.X_test[:5000]
     metrics["onnx"] = onnx_agreement(onnx_bytes, result.student.predict(sample), sample)
     metrics["onnx"].update(inference_cost_us(onnx_bytes, data.X_test[:2000]))

@@ -79,7 +79,7 @@ def _key_repl(m: re.Match) -> str:
     if g == "ident" or g == "param":
         return m.group()
     if g == "comment":
-        return " "
+        return " --" if m.group().startswith("--") else " "
     if g == "estr":
         return m.group()[0] + PLACEHOLDER  # the same key as the fast path gives E'' strings without backslashes
     if g == "bad":
@@ -97,7 +97,8 @@ def _plain_key(text: str) -> str | None:
 
 
 def literal_key(sql: str) -> tuple[str, bool]:
-    """The text with its literals replaced by PLACEHOLDER (comments dropped), and whether it lexed cleanly.
+    """The text with its literals replaced by PLACEHOLDER (comments dropped, a `--` kept), and whether it lexed
+    cleanly.
 
     Two texts with the same key differ only in constants (and comments). When the text does not lex cleanly
     (an unterminated quote, a nested comment) it is returned itself, with False.
@@ -139,6 +140,11 @@ def _lex(sql: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]], list[t
     return literals, comments, params, clean
 
 
+def _comment_marker(sql: str, start: int) -> str:
+    """What a comment leaves in the normalized text: ` --` for a line comment, a space for a block comment."""
+    return " --" if sql.startswith("--", start) else " "
+
+
 def _unquote(token: str) -> str:
     if token.startswith("'") and token.endswith("'") and len(token) >= 2:
         return token[1:-1].replace("''", "'")
@@ -160,7 +166,7 @@ class StatementInfo:
                  tables_written: tuple[str, ...], literal_count: int, parsed: bool,
                  statements: tuple["StatementInfo", ...] | None = None, shareable: bool = True):
         self.fingerprint = fingerprint          # 16 hex digits (pglast fingerprint, or sha1-based when unparseable)
-        self.normalized = normalized            # constants replaced by $n, comments dropped
+        self.normalized = normalized            # constants replaced by $n, comments dropped (a `--` kept)
         self.kind = kind                        # one of KINDS
         self.tables_read = tables_read          # "schema.table" where the SQL qualifies it, else "table"
         self.tables_written = tables_written
@@ -355,8 +361,10 @@ def analyze_uncached(sql: str, key: str | None = None) -> StatementInfo:
         if key is not None:
             return StatementInfo(_sha1_fingerprint(key), key.replace(PLACEHOLDER, "?").strip(), "other",
                                  (), (), len(literals), False, shareable=False)
-        # Literals become "?" and comments go, as in the key; the fingerprint is of the raw text.
-        edits = sorted([(s, e, "?") for s, e in literals] + [(s, e, " ") for s, e in comments])
+        # Literals become "?" and comments go (a line comment leaves its marker), as in the key; the fingerprint
+        # is of the raw text.
+        edits = sorted([(s, e, "?") for s, e in literals]
+                       + [(s, e, _comment_marker(sql, s)) for s, e in comments])
         out, pos = [], 0
         for s, e, replacement in edits:
             if s >= pos:
@@ -414,7 +422,9 @@ def _statement_info(sql: str, cs: int, ce: int, stmt: dict, literals, comments, 
     # a COMMENT's text, a COPY file name) makes texts differing in it different statements.
     only_constants = True
 
-    # Spans to rewrite inside the statement: literals become $n, comments disappear.
+    # Spans to rewrite inside the statement: literals become $n, comments disappear but for the marker of a line
+    # comment (`--`): the way an injected payload cuts off the rest of a statement (`name = 'admin'--'`), which
+    # the learner's injection features must still see. Block comments (sqlcommenter tags) leave nothing.
     first_param = 1 + max((int(sql[s + 1:e]) for s, e in params if cs <= s < ce), default=0)
     edits: list[tuple[int, int, str | None]] = []
     count = 0
@@ -433,18 +443,18 @@ def _statement_info(sql: str, cs: int, ce: int, stmt: dict, literals, comments, 
             edits.append((s, e, "$"))
     for s, e in comments:
         if cs <= s < ce:
-            edits.append((s, e, None))
+            edits.append((s, e, _comment_marker(sql, s)))
     edits.sort()
     out, pos, n = [], cs, first_param
     for s, e, what in edits:
         if s < pos:
             continue
         out.append(sql[pos:s])
-        if what is None:
-            out.append(" ")
-        else:
+        if what == "$":
             out.append(f"${n}")
             n += 1
+        else:
+            out.append(what)
         pos = e
     out.append(sql[pos:ce])
     normalized = "".join(out).strip()

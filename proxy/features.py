@@ -29,7 +29,7 @@ import numpy as np
 from pglast import parser as pg_parser
 
 # Bump whenever a feature's meaning, order or computation changes: models trained on another version are refused.
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 
 _CONST_TOKENS = frozenset({"SCONST", "ICONST", "FCONST", "BCONST", "XCONST", "USCONST"})
 _COMMENT_TOKENS = frozenset({"SQL_COMMENT", "C_COMMENT"})
@@ -444,8 +444,9 @@ class TemplateStats:
         "calls", "calls_per_hour", "mean_us", "p50_us", "p95_us", "mad_log_us", "rows_p50", "rows_mad_log",
         "bytes_p50", "bytes_mad_log", "error_rate", "key_ratio", "first_seen", "n_apps", "app_share",
         "write_rate", "tables_bytes", "tables_rows", "plan_cost", "plan_rows", "plan_width", "plan_nodes",
+        "time_fit", "time_fit_rows",
     )
-    __slots__ = FIELDS + ("_vector",)
+    __slots__ = FIELDS + ("_vector", "_fits")
 
     def __init__(self, **values):
         for name in self.FIELDS:
@@ -453,6 +454,7 @@ class TemplateStats:
         if self.app_share is None:
             self.app_share = {}
         self._vector = None
+        self._fits = None
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.FIELDS if getattr(self, name) is not None}
@@ -506,10 +508,107 @@ _NO_TEMPLATE = (0.0,) * (len(HISTORY_FEATURES) + len(PLAN_FEATURES) + len(TABLE_
 
 TIME_OF_DAY_FEATURES = ("tod_hour_sin", "tod_hour_cos", "tod_weekend")
 
+# A template's expected time for one statement, from what the statement itself returned and was given:
+# ln(1 + duration us) ~ w . basis, fit per template by the learner (learning.logdata.fit_expected_times) and
+# shipped in TemplateStats as time_fit (basis with the parameters) and time_fit_rows (without them), each
+# [coefficients..., lowest fitted value, highest fitted value, MAD of the residuals]. With parameters a hot
+# customer's slow history is expected of it; without them the result's size still explains much.
+_FIT_PARAMS = ("par_v0", "par_v1", "par_v2", "par_v3", "par_d01", "par_d12", "par_d23")
+_FIT_PAR_INDEX = tuple(PARAM_FEATURES.index(n) for n in _FIT_PARAMS)
+FIT_BASIS_ROWS = 3      # 1, ln(1 + rows), ln(1 + bytes)
+FIT_BASIS_PARAMS = FIT_BASIS_ROWS + len(_FIT_PARAMS)
+
+
+def fit_basis(rows, nbytes, pf: tuple | None) -> list[float]:
+    """The regressors of the expected-time fit: with pf (param_features of the statement) the parameter ones too."""
+    b = [1.0, _lg(rows), _lg(nbytes)]
+    if pf is not None:
+        b += [pf[j] for j in _FIT_PAR_INDEX]
+    return b
+
+
+def expected_time(t: "TemplateStats", rows, nbytes, pf: tuple | None) -> tuple[float, float] | None:
+    """(expected ln(1 + duration us), MAD of the fit) for one statement of a template, None without a fit."""
+    fit = t.time_fit if pf is not None and t.time_fit else t.time_fit_rows
+    if not fit:
+        return None
+    k = len(fit) - 3
+    b = fit_basis(rows, nbytes, pf if k > FIT_BASIS_ROWS else None)
+    v = sum(c * x for c, x in zip(fit[:k], b))
+    return min(max(v, fit[k]), fit[k + 1]), fit[k + 2]
+
+_NO_FIT = np.zeros(FIT_BASIS_PARAMS + 3)
+_NO_PF = (0.0,) * len(PARAM_FEATURES)
+
+
+def _fit_rows(t: "TemplateStats") -> tuple:
+    """(time_fit, time_fit_rows) as arrays [coefficients padded to FIT_BASIS_PARAMS, lo, hi, mad] (cached)."""
+    if t._fits is None:
+        def padded(fit):
+            if not fit:
+                return None
+            k = len(fit) - 3
+            a = np.zeros(FIT_BASIS_PARAMS + 3)
+            a[:k] = fit[:k]
+            a[FIT_BASIS_PARAMS:] = fit[k:]
+            return a
+        t._fits = (padded(t.time_fit), padded(t.time_fit_rows))
+    return t._fits
+
+
+def expectation_columns(templates: list, dur, rows, nbytes, pfs: list, sqlstates: list) -> np.ndarray:
+    """The event features from ev_expected_log to ev_error_probe of a batch, as _event_vector computes them one
+    by one. templates: established TemplateStats or None per statement; pfs: its param_features or None."""
+    n = len(templates)
+    out = np.zeros((n, 5))
+    if not n:
+        return out
+    fits, use_params = [], []
+    for t, pf in zip(templates, pfs):
+        f = None
+        with_params = False
+        if t is not None and t.calls:
+            by_params, by_rows = _fit_rows(t)
+            if pf is not None and by_params is not None:
+                f, with_params = by_params, True
+            else:
+                f = by_rows
+        fits.append(_NO_FIT if f is None else f)
+        use_params.append(with_params)
+    F = np.stack(fits)
+    has = F[:, FIT_BASIS_PARAMS + 1] != 0.0   # hi: a fitted ln time is never 0 for a template with a fit
+    B = np.zeros((n, FIT_BASIS_PARAMS))
+    B[:, 0] = 1.0
+    B[:, 1] = np.log1p(np.maximum(np.asarray(rows, dtype=np.float64), 0.0))
+    B[:, 2] = np.log1p(np.maximum(np.asarray(nbytes, dtype=np.float64), 0.0))
+    if any(use_params):
+        P = np.array([pf if u else _NO_PF for pf, u in zip(pfs, use_params)], dtype=np.float64)
+        B[:, FIT_BASIS_ROWS:] = P[:, _FIT_PAR_INDEX]
+    dur = np.asarray(dur, dtype=np.float64)
+    lo, hi, mad = F[:, FIT_BASIS_PARAMS], F[:, FIT_BASIS_PARAMS + 1], F[:, FIT_BASIS_PARAMS + 2]
+    e_log = np.clip((B * F[:, :FIT_BASIS_PARAMS]).sum(axis=1), lo, hi)
+    z = (np.log1p(np.maximum(dur, 0.0)) - e_log) / (1.4826 * np.maximum(mad, _MAD_FLOOR))
+    out[:, 0] = np.where(has, e_log, 0.0)
+    out[:, 1] = np.where(has, mad, 0.0)
+    out[:, 2] = np.where(has, np.clip(z, -_Z_CLIP, _Z_CLIP), 0.0)
+    out[:, 3] = np.where(has, (dur - np.expm1(e_log)) / 1000.0, 0.0)
+    out[:, 4] = [is_probe_error(code) for code in sqlstates]
+    return out
+
+
+# SQLSTATE classes that probing produces (undefined table or column, syntax, permission, bad input, bad login,
+# unknown schema), unlike timeouts, lock and serialization failures or constraint violations.
+PROBE_SQLSTATE_CLASSES = frozenset({"42", "22", "28", "3F"})
+
+
+def is_probe_error(sqlstate) -> bool:
+    return bool(sqlstate) and sqlstate[:2] in PROBE_SQLSTATE_CLASSES
+
 EVENT_FEATURES = (
     "ev_duration_log", "ev_rows_log", "ev_bytes_log", "ev_error", "ev_z_duration", "ev_z_rows", "ev_z_bytes",
     "ev_new_template", "ev_app_known", "ev_client_known", "ev_app_template_share", "ev_client_recent_errors",
-    "ev_over_p95_log10", "ev_excess_ms",
+    "ev_over_p95_log10", "ev_excess_ms", "ev_expected_log", "ev_expected_mad_log", "ev_z_expected",
+    "ev_excess_expected_ms", "ev_error_probe",
 )
 # Robust z-scores divide by at least this many log units: a template that always takes the same time is not
 # "infinitely anomalous" when it takes 30% longer.
@@ -554,9 +653,17 @@ FEATURE_NAMES: dict[str, tuple[str, ...]] = {
 _SELECT = {kind: np.array([_INDEX[n] for n in names], dtype=np.intp) for kind, names in FEATURE_NAMES.items()}
 
 
-def _event_vector(x: dict, t: TemplateStats | None) -> list[float]:
+def _event_vector(x: dict, t: TemplateStats | None, pf: tuple | None = None) -> list[float]:
     dur, rows, nbytes = x.get("duration_us"), x.get("rows"), x.get("bytes_out")
     known = t is not None and bool(t.calls)
+    expected = expected_time(t, rows, nbytes, pf) if known else None
+    if expected is not None and dur is not None:
+        e_log, e_mad = expected
+        d_log = _lg(dur)
+        fit = [e_log, e_mad, max(-_Z_CLIP, min(_Z_CLIP, (d_log - e_log) / (1.4826 * max(e_mad, _MAD_FLOOR)))),
+               (float(dur) - math.expm1(e_log)) / 1000.0]
+    else:
+        fit = [0.0, 0.0, 0.0, 0.0]
     app = x.get("application_name")
     share = float(t.app_share.get(app or "", 0.0)) if known else 0.0
     return [
@@ -568,6 +675,7 @@ def _event_vector(x: dict, t: TemplateStats | None) -> list[float]:
         float(x.get("client_recent_errors") or 0),
         math.log10(max(float(dur or 0.0), 1e-3) / max(float(t.p95_us or 0.0), 1.0)) if known and dur else 0.0,
         (float(dur) - float(t.p50_us or 0.0)) / 1000.0 if known and dur else 0.0,
+        *fit, float(is_probe_error(x.get("sqlstate"))),
     ]
 
 
@@ -586,10 +694,11 @@ def full_row(x: dict) -> list[float]:
     params = x.get("parameters")
     t = x.get("template")
     row = list(statement_features(sql))
-    row += param_features(tuple(params) if params is not None else None)
+    pf = param_features(tuple(params) if params is not None else None)
+    row += pf
     row += t.vector() if t is not None else _NO_TEMPLATE
     row += _time_of_day(x.get("ts"))
-    row += _event_vector(x, t)
+    row += _event_vector(x, t, pf if params is not None else None)
     return row
 
 
@@ -615,6 +724,10 @@ class RecentErrors:
     def __init__(self, window_s: float = 10.0):
         self.window_s = window_s
         self._times: dict[str, deque] = {}
+
+    def __bool__(self) -> bool:
+        """Whether some client has errors in its window (if none, a statement that did not fail counts 0)."""
+        return bool(self._times)
 
     def observe(self, client: str, ts: float, is_error: bool) -> int:
         """Record this statement's outcome; return the client's errors in the window ending now (this one included)."""
@@ -709,17 +822,19 @@ class ServingContext:
 
 ANOMALY_CLASSES = ("slow_outlier", "unusual_rows", "new_template", "error_burst", "injection")
 _A = {name: i for i, name in enumerate(FEATURE_NAMES["anomaly"])}
-SLOW_MIN_EXCESS_US = 5000.0     # a slow outlier takes at least this much longer than its template's median
-SLOW_OVER_P95_LOG10 = 1.0       # ... and at least 10x its p95 (the learner raises this on a noisy server)
+SLOW_MIN_EXCESS_MS = 2.0        # a slow outlier takes at least this much longer than expected of it,
+SLOW_OVER_EXPECTED_LOG10 = 0.7  # ... at least 10^0.7 = 5x that (the learner raises this on a noisy server),
+SLOW_MIN_Z = 4.0                # ... and is this far beyond its template's fit (robust z of the residual)
 VOLUME_MIN_ROWS = 1000.0        # an unusual result has at least this many rows or bytes
 VOLUME_MIN_BYTES = 100_000.0
 
 
-def anomaly_signals(X: np.ndarray, slow_over_p95_log10: float = SLOW_OVER_P95_LOG10) -> np.ndarray:
+def anomaly_signals(X: np.ndarray, slow_over_expected_log10: float = SLOW_OVER_EXPECTED_LOG10) -> np.ndarray:
     """Per row, one score per ANOMALY_CLASSES entry (0: nothing odd, >= 1: clearly that anomaly).
 
-    slow_over_p95_log10: log10 of how many times its template's p95 a statement must take to be a slow
-    outlier (score 0.6 there); the anomaly model's metadata carries the value it was trained with.
+    slow_over_expected_log10: log10 of how many times the time its template's fit expects of it a statement
+    must take to be a slow outlier (score 0.6 there, 1.3 at 5x more); the anomaly model's metadata carries the
+    value it was trained with.
     """
     X = np.asarray(X, dtype=np.float64)
 
@@ -729,19 +844,23 @@ def anomaly_signals(X: np.ndarray, slow_over_p95_log10: float = SLOW_OVER_P95_LO
     known = col("hist_known") > 0
     unusual_client = (col("ev_app_known") == 0) | (col("ev_client_known") == 0) | (
         known & (col("ev_app_template_share") < 0.01))
-    # slow: far beyond the template's usual time (robust z), beyond its own tail (p95) and by enough to matter
-    beyond_tail = col("ev_over_p95_log10") - (slow_over_p95_log10 - 0.6)   # 0.6 at the threshold
     big = (np.expm1(col("ev_rows_log")) >= VOLUME_MIN_ROWS) | (np.expm1(col("ev_bytes_log")) >= VOLUME_MIN_BYTES)
     volume_z = np.maximum(col("ev_z_rows"), col("ev_z_bytes"))
-    # (a statement slow because it returned far more than usual is a volume anomaly, not a slow one)
-    slow = np.where(known & (col("ev_excess_ms") * 1000.0 >= SLOW_MIN_EXCESS_US)
-                    & (col("ev_z_duration") >= 4.0) & (volume_z < 3.0), np.clip(beyond_tail, 0, 2), 0.0)
+    # slow: far beyond what its template takes for a statement of this size with these parameters (robust z
+    # against the template's fit) and by enough to matter; a statement slow because it returned far more than
+    # usual is a volume anomaly, not a slow one
+    over = (col("ev_duration_log") - col("ev_expected_log")) / np.log(10.0) - slow_over_expected_log10
+    slow = np.where(known & (col("ev_z_expected") >= SLOW_MIN_Z) & (volume_z < 3.0) & (over >= 0.0)
+                    & (col("ev_excess_expected_ms") >= SLOW_MIN_EXCESS_MS), np.clip(0.6 + over, 0, 2), 0.0)
     volume = np.where(known & big, np.clip(volume_z / np.where(unusual_client, 4.0, 8.0), 0, 2), 0.0)
     novelty = np.where(known, 0.0, np.where(unusual_client, 1.0, 0.3))
     error = col("ev_error") > 0
     burst = np.where(error, np.clip(col("ev_client_recent_errors") - 1.0, 0, 2), 0.0)
-    # a statement never seen before, or one that always fails, failing: a probe more often than a bug
-    burst = np.maximum(burst, np.where(error & (~known | (col("hist_error_rate") >= 0.9)), 0.6, 0.0))
+    # a probe-like failure (undefined object, syntax, permission, bad input) of a statement never seen before
+    # or of one that always fails: a probe more often than a bug (a timeout, a lock or a constraint violation
+    # is the application's own business: an analytical query that always times out is not an attack)
+    burst = np.maximum(burst, np.where(error & (col("ev_error_probe") > 0) & (~known | (col("hist_error_rate") >= 0.9)),
+                                       0.6, 0.0))
     strong = ((col("inj_const_comparisons") > 0) | (col("inj_statements") > 1) | (col("inj_union_nulls") > 0)
               | (col("inj_suspicious_funcs") > 0) | (col("par_tautology") > 0))
     # weak signs: any two of them, or one on a template without history, make a flag (score 0.6)
@@ -753,8 +872,8 @@ def anomaly_signals(X: np.ndarray, slow_over_p95_log10: float = SLOW_OVER_P95_LO
     return np.stack([slow, volume, novelty, burst, injection], axis=1)
 
 
-def anomaly_reasons(X: np.ndarray, slow_over_p95_log10: float = SLOW_OVER_P95_LOG10
+def anomaly_reasons(X: np.ndarray, slow_over_expected_log10: float = SLOW_OVER_EXPECTED_LOG10
                     ) -> tuple[np.ndarray, np.ndarray]:
     """(rule score, index into ANOMALY_CLASSES of the strongest signal) per anomaly feature row."""
-    signals = anomaly_signals(X, slow_over_p95_log10)
+    signals = anomaly_signals(X, slow_over_expected_log10)
     return signals.max(axis=1), signals.argmax(axis=1)

@@ -32,7 +32,7 @@ import numpy as np
 
 from proxy.analysis import Analyzer, extract_literals
 from proxy.features import (ANOMALY_CLASSES, EVENT_FEATURES, FEATURE_NAMES, PARAM_FEATURES, RecentErrors,
-                            anomaly_signals, param_features, transform_many, transform_one)
+                            anomaly_signals, expectation_columns, param_features, transform_many, transform_one)
 
 log = logging.getLogger("pgpilot.scoring")
 flag_log = logging.getLogger("pgpilot.anomaly")
@@ -51,12 +51,16 @@ _S_P50, _S_MAD = [1, 4, 6], [3, 5, 7]             # where StatementRow.stats kee
 _C_RECENT = COL["ev_client_recent_errors"]
 _C_OVER_P95, _C_EXCESS = COL.get("ev_over_p95_log10"), COL.get("ev_excess_ms")
 _C_KNOWN = COL["hist_known"]
+# the expected time for the statement's size and parameters, from its template's fit, and a probe-like error
+_C_EXPECTED = [COL[n] for n in ("ev_expected_log", "ev_expected_mad_log", "ev_z_expected", "ev_excess_expected_ms",
+                                "ev_error_probe")]
 # The event features the batch path computes itself; any other (a newer proxy.features) makes the scorer build
 # each row with proxy.features.transform_one instead: slower, never different.
 _BATCHED_EVENT_FEATURES = frozenset({
     "ev_duration_log", "ev_rows_log", "ev_bytes_log", "ev_error", "ev_z_duration", "ev_z_rows", "ev_z_bytes",
     "ev_new_template", "ev_app_known", "ev_client_known", "ev_app_template_share", "ev_client_recent_errors",
-    "ev_over_p95_log10", "ev_excess_ms"})
+    "ev_over_p95_log10", "ev_excess_ms", "ev_expected_log", "ev_expected_mad_log", "ev_z_expected",
+    "ev_excess_expected_ms", "ev_error_probe"})
 BATCHED = set(EVENT_FEATURES) <= _BATCHED_EVENT_FEATURES
 _I_BURST, _I_INJECTION = ANOMALY_CLASSES.index("error_burst"), ANOMALY_CLASSES.index("injection")
 assert set(EVENT_FEATURES) <= set(NAMES)
@@ -297,12 +301,15 @@ class AnomalyScorer:
                 p50 = S[:, 1]
                 X[:, _C_EXCESS] = np.where(known & ~np.isnan(p50), (dur - p50) / 1000.0, np.where(known, dur / 1000.0,
                                                                                                       0.0))
+        pfs: list = [None] * len(parts)
         if params is not None:
             for i, values in enumerate(params):
                 if values is not None:
-                    pf = param_features(tuple(values))
+                    pf = pfs[i] = param_features(tuple(values))
                     for col, j in _PAR_IN_ROW:
                         X[i, col] = pf[j]
+        X[:, _C_EXPECTED] = expectation_columns([p.template for p in parts], dur, rows, nbytes, pfs,
+                                                [ev.sqlstate for ev in events])
         return X, parts
 
     @staticmethod

@@ -35,7 +35,10 @@ def context() -> ServingContext:
         analyze(KNOWN).fingerprint: TemplateStats(calls=500, calls_per_hour=900, mean_us=300, p50_us=250, p95_us=900,
                                                   mad_log_us=0.4, rows_p50=1, rows_mad_log=0.0, bytes_p50=60,
                                                   bytes_mad_log=0.1, error_rate=0.0, n_apps=2,
-                                                  app_share={"web": 0.7, "api": 0.3}),
+                                                  app_share={"web": 0.7, "api": 0.3},
+                                                  # expected ln time: by rows and bytes, and by the id too
+                                                  time_fit_rows=[5.0, 0.1, 0.05, 4.0, 7.0, 0.3],
+                                                  time_fit=[5.0, 0.1, 0.05, 0.2, 0, 0, 0, 0, 0, 0, 4.0, 7.0, 0.3]),
         analyze(OTHER).fingerprint: TemplateStats(calls=40, calls_per_hour=20, mean_us=9000, p50_us=8000,
                                                   p95_us=20000, mad_log_us=None, rows_p50=1, bytes_p50=None,
                                                   error_rate=0.05, n_apps=1, app_share={"reports": 1.0}),
@@ -54,7 +57,7 @@ def events(n: int, seed: int = 0) -> list[QueryEvent]:
         out.append(QueryEvent(
             ts=ts, duration_us=int(r.lognormvariate(6, 2)), wait_us=0, sql=sql,
             rows=None if failed or r.random() < 0.1 else r.randint(0, 5000), bytes_out=r.randint(0, 10 ** 6),
-            sqlstate="42P01" if failed else None, database="app", username="u",
+            sqlstate=r.choice(("42P01", "57014")) if failed else None, database="app", username="u",
             application_name=r.choice(("web", "api", "reports", "sqlmap")), client_addr=r.choice(("10.0.0.1", "10.9.9.9")),
             backend_pid=1, xact_id=1, in_transaction=False, protocol="simple", stmt_index=stmt_index))
     return out
@@ -73,7 +76,7 @@ def learner_rows(evs: list[QueryEvent], ctx: ServingContext, with_parameters: bo
         dicts.append(ctx.prepare({
             "sql": s.normalized, "parameters": params, "ts": ev.ts, "fingerprint": s.fingerprint,
             "duration_us": float(ev.duration_us), "rows": float(ev.rows or 0), "bytes_out": float(ev.bytes_out),
-            "sqlstate": "E" if ev.sqlstate else None, "application_name": ev.application_name,
+            "sqlstate": ev.sqlstate, "application_name": ev.application_name,
             "client_addr": ev.client_addr}, s.fingerprint))
     return transform_many(dicts, "anomaly")
 
