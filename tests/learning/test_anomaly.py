@@ -61,3 +61,31 @@ def test_rules_name_the_reason_of_a_flag():
     assert score[0] >= 1.0 and ANOMALY_CLASSES[reason[0]] == "error_burst"
     row[0, i["ev_error"]] = 0
     assert anomaly_reasons(row)[0][0] == 0.0
+
+
+def test_a_slow_outlier_is_judged_against_what_its_parameters_make_expected():
+    from learning.logdata import _robust_ridge
+    from proxy.features import TemplateStats, fit_basis, param_features, transform_many
+    rng = np.random.default_rng(0)
+    # a template whose time grows with its parameter (a customer's history): 0.05 ms to 80 ms
+    keys = rng.integers(1, 10_000, 400)
+    dur = 50.0 * keys ** 0.8 * np.exp(rng.normal(0.0, 0.1, len(keys)))
+    basis = np.array([fit_basis(1, 60, param_features((str(k),))) for k in keys])
+    t = TemplateStats(calls=400, p50_us=float(np.median(dur)), p95_us=float(np.percentile(dur, 95)),
+                      mad_log_us=float(np.median(np.abs(np.log1p(dur) - np.median(np.log1p(dur))))), rows_p50=1,
+                      bytes_p50=60, error_rate=0.0, n_apps=1, app_share={"web": 1.0},
+                      time_fit=_robust_ridge(basis, np.log1p(dur)), time_fit_rows=_robust_ridge(basis[:, :3],
+                                                                                              np.log1p(dur)))
+
+    def row(key: int, us: float):
+        return transform_many([{"sql": "SELECT * FROM orders WHERE customer_id = $1", "parameters": (str(key),),
+                                "template": t, "duration_us": us, "rows": 1, "bytes_out": 60,
+                                "application_name": "web", "app_known": True, "client_known": True}], "anomaly")
+
+    slow = ANOMALY_CLASSES.index("slow_outlier")
+    heavy_us = 50.0 * 9000 ** 0.8
+    # the heaviest customer's usual time is no anomaly; the same time for a light customer is, though it stays
+    # within the template's own p95 (which no rule against the template alone could tell apart)
+    assert heavy_us < 2 * t.p95_us
+    assert an.anomaly_signals(row(9000, heavy_us))[0, slow] == 0.0
+    assert an.anomaly_signals(row(10, heavy_us))[0, slow] >= 1.0

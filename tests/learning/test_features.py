@@ -100,3 +100,16 @@ def test_the_proxy_side_modules_do_not_import_scikit_learn_or_xgboost():
             "bad = [m for m in ('sklearn', 'xgboost', 'pandas') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_line_comment_that_cuts_off_an_injected_statement_stays_visible_in_the_logged_text():
+    from proxy.analysis import analyze
+    from proxy.features import STATEMENT_FEATURES, statement_features
+    comments = STATEMENT_FEATURES.index("inj_comments")
+    cut = analyze("SELECT id, name FROM customers WHERE name = 'admin'--'")
+    plain = analyze("SELECT id, name FROM customers WHERE name = 'bob'")
+    tagged = analyze("SELECT id, name FROM customers WHERE name = 'bob' /* controller='users' */")
+    assert cut.fingerprint == plain.fingerprint == tagged.fingerprint
+    assert statement_features(cut.normalized)[comments] == 1
+    # a block comment (sqlcommenter, marginalia) leaves nothing
+    assert statement_features(plain.normalized)[comments] == statement_features(tagged.normalized)[comments] == 0
