@@ -95,7 +95,8 @@ def bench_submit(n: int, rounds: int) -> list[dict]:
         results["deque.append (floor)"].append(per_item_ns(append_all, events))
         floor.clear()
         results["submit()"].append(per_item_ns(submit_all, events))
-        writer._queue.clear()
+        writer._events.clear()
+        writer._queued = 0
         results[built].append(per_item_ns(build_all, texts))
         results[positional].append(per_item_ns(build_all_positional, texts))
         log(f"submit round {r + 1}/{rounds}: {results['submit()'][-1]:.0f} ns")

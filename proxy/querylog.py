@@ -2,25 +2,30 @@
 
 Contract with the session
 -------------------------
-* For every statement the session builds a `QueryEvent` with raw facts only (SQL text, timings, counts) and
-  calls `QueryLog.submit(event)` from the event loop's thread. `submit` is O(1): it appends to a bounded
-  queue and never blocks, awaits or raises. Everything costly (fingerprint, normalization, statement kind,
-  tables; see proxy/analysis.py) happens later in the background writer, cached per text.
-* A simple-protocol Query message may carry several statements. The session sends one event per
-  CommandComplete/ErrorResponse with `sql` = the whole text and `stmt_index` = which statement of the text
-  (0-based) completed; the writer logs that statement only, with the event's timings and counts as they are.
+* For every statement the session appends one record to the `StatementFeed` (`feed.records.append(record)`):
+  a plain tuple of raw facts in `RECORD` order (times, counts, the SQL text as sent, and a `SessionInfo`
+  shared by every statement of the session). Nothing else happens per statement on the client's path.
+* Every `interval` the feed takes the records there are, analyses each text once (fingerprint, normalized
+  text, kind, tables; see proxy/analysis.py; cached per text, shared with the anomaly scorer), lets the scorer
+  score the batch (proxy/scoring.py), and hands records, analyses and scores to the query log.
+* `QueryLog.submit(QueryEvent)` is the same for whoever holds an event object (cache hits, tools, tests):
+  O(1), bounded by `queue_size`, never blocks, awaits or raises.
+* A simple-protocol Query message may carry several statements. The session sends one record per
+  CommandComplete/ErrorResponse with the whole text and `stmt_index` = which statement of the text
+  (0-based) completed; the writer logs that statement only, with the record's timings and counts as they are.
 * An event whose text holds several statements but has `stmt_index=None` is split into one row per statement:
   `duration_us` and `bytes_out` are shared out evenly (their sums are kept), `wait_us` goes to the first
   statement, `rows` and `sqlstate` to the last one (an error ends a simple Query). This is approximate;
   sessions that know the boundaries send `stmt_index`.
-* `parameters`: bound parameter values (text) of an extended-protocol Execute. They are stored only with
-  `query_log.parameters` on; with it on, simple-protocol events get their literal values extracted instead.
-  With it off no literal ever reaches the store: statements are stored as fingerprint + normalized text.
+* `parameters`: bound parameter values of an extended-protocol Execute (the session keeps the client's Bind
+  message only with `query_log.parameters` on; values in text format are stored as text, binary ones as
+  `\\x` and hex). With it on, simple-protocol events get their literal values extracted instead. With it off
+  no literal ever reaches the store: statements are stored as fingerprint + normalized text.
 
 The writer
 ----------
 A background task takes the queue in batches (`batch_size`, or whatever is there every `flush_interval`),
-analyses them, feeds the in-memory `QueryStats` (for SHOW QUERIES), and hands the rows to a second task that
+turns them into rows (compact: references to the analysis and the session, expanded only for the spool), feeds the in-memory `QueryStats` (for SHOW QUERIES), and hands the rows to a second task that
 owns one asyncpg connection to the store: it upserts new templates and COPYs the rows into
 pgpilot.query_events in one transaction, keeps tomorrow's partition created and drops partitions older than
 `retention_days`. When the store is slow or away, batches spill to a bounded spool on local disk and are
@@ -46,6 +51,7 @@ import logging
 import os
 import random
 import re
+import struct
 import time
 from collections import deque
 from pathlib import Path
@@ -91,6 +97,168 @@ class QueryEvent:
         self.anomaly_score = anomaly_score
         self.parameters = parameters      # bound parameter values (text) when query_log.parameters is on
         self.stmt_index = stmt_index      # which statement of a multi-statement text this event is about
+
+
+# A statement record, as the session appends it to the feed: one tuple, fields in this order.
+RECORD = ("ts", "duration_us", "wait_us", "sql", "rows", "bytes_out", "sqlstate", "session", "backend_pid",
+          "xact_id", "in_transaction", "stmt_index", "parameters", "cache_outcome", "rewrite", "anomaly_score")
+(R_TS, R_DURATION, R_WAIT, R_SQL, R_ROWS, R_BYTES, R_SQLSTATE, R_SESSION, R_PID, R_XACT, R_IN_XACT, R_STMT,
+ R_PARAMS, R_CACHE, R_REWRITE, R_SCORE) = range(len(RECORD))
+# R_SQL: bytes (the session) or str. R_STMT: -1 for the extended protocol; for a simple Query the index of the
+# statement of the text that completed, or None for the whole text. R_PARAMS: the client's Bind message (bytes)
+# or a list of values, only with query_log.parameters on.
+
+
+def event_record(ev: QueryEvent) -> tuple:
+    """The record of an event object (coerced, so that an odd event fails here, alone)."""
+    if ev.sql is None:
+        raise ValueError("an event without SQL text")
+    stmt = -1 if ev.protocol == "extended" else (None if ev.stmt_index is None else int(ev.stmt_index))
+    return (float(ev.ts), int(ev.duration_us), int(ev.wait_us), ev.sql,
+            None if ev.rows is None else int(ev.rows), int(ev.bytes_out), ev.sqlstate,
+            session_info(ev.database, ev.username, ev.application_name, ev.client_addr),
+            None if ev.backend_pid is None else int(ev.backend_pid), None if ev.xact_id is None else int(ev.xact_id),
+            None if ev.in_transaction is None else bool(ev.in_transaction), stmt, ev.parameters, ev.cache_outcome,
+            ev.rewrite, None if ev.anomaly_score is None else float(ev.anomaly_score))
+
+
+class SessionInfo:
+    """Who sent a statement: one shared object per (database, user, application, client address)."""
+
+    __slots__ = ("database", "username", "application_name", "client_addr", "store_addr", "copy_text", "sender")
+
+    def __init__(self, database: str, username: str, application_name: str, client_addr: str | None):
+        self.database = database
+        self.username = username
+        self.application_name = application_name
+        self.client_addr = client_addr
+        self.store_addr = _inet_or_none(client_addr)   # what the inet column takes (not a unix socket path)
+        self.copy_text = "\t".join(_copy_text(v) for v in (database, username, application_name, self.store_addr))
+        self.sender = f"{client_addr or ''}|{application_name or ''}"   # as ServingContext.observe names it
+
+
+_sessions: dict[tuple, SessionInfo] = {}
+
+
+def session_info(database: str, username: str, application_name: str, client_addr: str | None) -> SessionInfo:
+    key = (database, username, application_name, client_addr)
+    info = _sessions.get(key)
+    if info is None:
+        if len(_sessions) >= 10_000:
+            _sessions.clear()
+        info = _sessions[key] = SessionInfo(*key)
+    return info
+
+
+def _inet_or_none(addr: str | None) -> str | None:
+    if addr is None:
+        return None
+    try:
+        ipaddress.ip_address(addr)
+        return addr
+    except ValueError:
+        try:
+            ipaddress.ip_interface(addr)
+            return addr
+        except ValueError:
+            return None    # a unix socket path, or something the inet column would refuse
+
+
+def _copy_text(value) -> str:
+    return "\\N" if value is None else str(value).translate(_COPY_ESCAPES)
+
+
+def statement_of(info: StatementInfo, idx: int | None) -> StatementInfo:
+    """The statement a record is about: the one completed (idx), the only one, or the whole text."""
+    stmts = info.statements
+    if len(stmts) == 1:
+        return stmts[0]
+    if idx is not None and 0 <= idx < len(stmts):
+        return stmts[idx]
+    return info
+
+
+class StatementFeed:
+    """Finished statements on their way to the scorer and the query log.
+
+    Sessions append records to `records` (a list: one C-level append each). Every `interval` seconds `tick`
+    takes them, analyses each text once (by the exact bytes first: prepared and extended statements repeat
+    the same text object), lets the scorer score them, then hands them to the query log. Records whose text
+    cannot be analysed (never from a session) get None as their analysis and are dropped by both.
+    """
+
+    def __init__(self, analyzer: Analyzer, interval: float):
+        self.records: list[tuple] = []
+        self.analyzer = analyzer
+        self.interval = interval
+        self.scorer = None            # proxy.scoring.AnomalyScorer, or None
+        self.query_log: "QueryLog | None" = None
+        self._by_text: dict = {}      # exact text (bytes or str) -> StatementInfo
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.ticks = 0
+
+    def start(self) -> None:
+        """Start ticking (again, with the current interval, if already started)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(self.interval, self._scheduled)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._loop = None
+
+    def _scheduled(self) -> None:
+        self._timer = self._loop.call_later(self.interval, self._scheduled)
+        try:
+            self.tick()
+        except Exception:  # never lose the feed to a bug: the batch is lost, counted by the query log
+            log.exception("statement feed: a batch failed")
+
+    def tick(self) -> None:
+        """Analyse, score and log whatever has arrived (also called directly to flush)."""
+        records = self.records
+        n = len(records)
+        ql = self.query_log
+        extra = ql._take_events() if ql is not None and ql._events else None
+        if not n and not extra:
+            return
+        batch = records[:n]
+        del records[:n]
+        counted = 0
+        if extra:
+            counted = len(extra)
+            batch = extra + batch   # submit()ted events were counted as they came
+        self.ticks += 1
+        infos = self.analyse(batch)
+        scores = None
+        if self.scorer is not None:
+            scores = self.scorer.score_records(batch, infos)
+        if ql is not None:
+            ql._take(batch, infos, scores, counted)
+
+    def analyse(self, records: list[tuple]) -> list:
+        by_text = self._by_text
+        analyze = self.analyzer.analyze
+        infos = []
+        append = infos.append
+        for rec in records:
+            sql = rec[R_SQL]
+            info = by_text.get(sql)
+            if info is None:
+                try:
+                    info = analyze(sql if type(sql) is str else sql.decode("utf-8", "replace"))
+                except Exception:
+                    append(None)
+                    continue
+                if len(by_text) >= 20_000:
+                    by_text.clear()
+                by_text[sql] = info
+            append(info)
+        return infos
 
 
 COLUMNS = ("ts", "duration_us", "wait_us", "fingerprint", "kind", "tables_read", "tables_written", "rows",
@@ -154,13 +322,36 @@ def _redacted(dsn: str) -> str:
 class _Batch:
     """Analysed rows ready for the store, with the templates among them that the store may not know yet."""
 
-    __slots__ = ("rows", "templates", "events")
+    __slots__ = ("rows", "templates", "events", "compact")
 
-    def __init__(self, rows: list[tuple], templates: dict[str, list], events: int):
-        self.rows = rows                # tuples in COLUMNS order, ts as epoch seconds
+    def __init__(self, rows: list[tuple], templates: dict[str, list], events: int, compact: bool = False):
+        # Tuples in COLUMNS order, ts as epoch seconds; or, compact, in COMPACT order (the statement's
+        # StatementInfo and the SessionInfo in place of their columns), as the writer makes them.
+        self.rows = rows
         # fingerprint -> [normalized_sql, kind, tables_read, tables_written, sample_sql, first_seen, last_seen]
         self.templates = templates
         self.events = events            # submitted events this batch settles (0 for spool replays)
+        self.compact = compact
+
+    def full_rows(self, proxy_id: str) -> list[tuple]:
+        if not self.compact:
+            return self.rows
+        return [(ts, dur, wait, s.fingerprint, s.kind, s.tables_read, s.tables_written, nrows, nbytes, sqlstate,
+                 who.database, who.username, who.application_name, who.store_addr, pid, xact, in_xact, protocol,
+                 cache_outcome, rewrite, score, proxy_id, params)
+                for (ts, dur, wait, s, nrows, nbytes, sqlstate, who, pid, xact, in_xact, protocol, cache_outcome,
+                     rewrite, score, params) in self.rows]
+
+    def fingerprints(self) -> list[str]:
+        if self.compact:
+            return [r[_C_STATEMENT].fingerprint for r in self.rows]
+        return [r[_FP] for r in self.rows]
+
+
+# A compact row: a log row before expansion, with references to the statement's analysis and its session.
+COMPACT = ("ts", "duration_us", "wait_us", "statement", "rows", "bytes_out", "sqlstate", "session", "backend_pid",
+           "xact_id", "in_transaction", "protocol", "cache_outcome", "rewrite", "anomaly_score", "parameters")
+_C_STATEMENT = COMPACT.index("statement")
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -177,6 +368,7 @@ class CopyTextEncoder:
         self._text: dict[str, str] = {}
         self._arrays: dict[tuple, str] = {}
         self._seconds: dict[int, str] = {}
+        self._tails: dict[tuple, str] = {}
 
     def encode(self, rows: list[tuple]) -> bytes:
         text, array, second = self._text_field, self._array_field, self._seconds
@@ -198,6 +390,41 @@ class CopyTextEncoder:
                 text(protocol), text(cache_outcome), text(rewrite), "\\N" if score is None else repr(score),
                 text(proxy_id), "\\N" if params is None else _array_literal(params).translate(_COPY_ESCAPES))))
         lines.append("")
+        return "\n".join(lines).encode("utf-8", "replace")
+
+    def encode_compact(self, rows: list[tuple], proxy_id: str) -> bytes:
+        """The same text for compact rows: per statement and per session the fields come pre-encoded."""
+        second = self._seconds
+        tails = self._tails
+        N = "\\N"
+        origin = _copy_text(proxy_id)
+        lines = []
+        append = lines.append
+        for (ts, duration, wait, s, nrows, nbytes, sqlstate, who, pid, xact, in_xact, protocol, cache_outcome,
+             rewrite, score, params) in rows:
+            whole = int(ts)
+            prefix = second.get(whole)
+            if prefix is None:
+                if len(second) > 4096:
+                    second.clear()
+                prefix = second[whole] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
+            stmt = s.copy_text
+            if stmt is None:
+                stmt = s.copy_text = "\t".join((_copy_text(s.fingerprint), _copy_text(s.kind),
+                                                self._array_field(s.tables_read), self._array_field(s.tables_written)))
+            tail = tails.get((protocol, cache_outcome, rewrite))
+            if tail is None:
+                if len(tails) > 1000:
+                    tails.clear()
+                tail = tails[protocol, cache_outcome, rewrite] = "\t".join(
+                    _copy_text(v) for v in (protocol, cache_outcome, rewrite))
+            append(f"{prefix}.{int((ts - whole) * 1e6):06d}+00\t{duration}\t{wait}\t{stmt}\t"
+                   f"{N if nrows is None else nrows}\t{nbytes}\t{sqlstate or N}\t{who.copy_text}\t"
+                   f"{N if pid is None else pid}\t{N if xact is None else xact}\t"
+                   f"{N if in_xact is None else ('t' if in_xact else 'f')}\t{tail}\t"
+                   f"{N if score is None else repr(score)}\t{origin}\t"
+                   f"{N if params is None else _array_literal(params).translate(_COPY_ESCAPES)}")
+        append("")
         return "\n".join(lines).encode("utf-8", "replace")
 
     def _text_field(self, value) -> str:
@@ -246,6 +473,7 @@ class Spool:
         self.directory = Path(directory)
         self.prefix = "querylog-" + re.sub(r"[^A-Za-z0-9_.-]", "_", proxy_id) + "-"
         self.max_bytes = max_bytes
+        self.proxy_id = proxy_id
         self.segment_bytes = max(16 * 1024, min(2 * 1024 * 1024, max_bytes // 4))
         self.bytes = 0                 # all segments in the directory, as last counted plus our own changes
         self._active = None            # the segment we append to, flock'ed
@@ -292,7 +520,7 @@ class Spool:
         if not self.usable:
             return 0
         written = 0
-        rows = batch.rows
+        rows = batch.full_rows(self.proxy_id)
         recounted = False
         for start in range(0, len(rows), _SPOOL_LINE_ROWS):
             chunk = rows[start:start + _SPOOL_LINE_ROWS]
@@ -413,13 +641,16 @@ class QueryLog:
         self.spooled = 0
         self.replayed = 0
         self.dropped = 0
-        self._queue: deque[QueryEvent] = deque()
+        # Sessions append records here; its tick analyses them (once, for the scorer too) and calls _take.
+        self.feed = StatementFeed(self.analyzer, cfg.flush_interval)
+        self.feed.query_log = self
+        self._events: list = []                  # submit()ted events, counted, not yet taken by the feed
+        self._queue: deque[tuple] = deque()      # (records, analyses, scores or None) chunks, analysed
+        self._queued = 0                         # records in _queue and _events
         self._queue_size = cfg.queue_size
         self._batch_size = cfg.batch_size
         self._wakeup: asyncio.Future | None = None
-        # Called before a batch is taken from the queue: the anomaly scorer scores what it holds, so every
-        # row carries its anomaly_score (proxy/served_models.py sets it).
-        self.before_batch = None
+        self.before_batch = None                 # called before a batch is taken from the queue, if set
         self._hook_log_at = 0.0
         self._settled = 0             # submitted events now written, spooled or dropped
         self._spool = Spool(cfg.spool_dir, proxy_id, cfg.spool_max_bytes)
@@ -434,7 +665,6 @@ class QueryLog:
         self._partitions: set[int] = set()      # days (since the epoch, UTC) with a partition
         self._next_maintenance = 0.0
         self._next_refresh = 0.0
-        self._addr_cache: dict[str, str | None] = {}
         self._encoder = CopyTextEncoder()
         self._closing = False         # stop(): the analyser drains the queue and ends
         self._store_closing = False   # stop(), once the analyser is done: the store task drains the outbox and ends
@@ -446,26 +676,60 @@ class QueryLog:
     # ---------------------------------------------------------------- the session's side
 
     def submit(self, event: QueryEvent) -> None:
-        """Queue one event; O(1), never blocks, never raises."""
+        """Queue one event object; O(1), never blocks, never raises. (Sessions append records to `feed`.)"""
         try:
             self.submitted += 1
-            q = self._queue
-            if len(q) >= self._queue_size:
+            if self._queued + len(self.feed.records) >= self._queue_size:
                 self._settled += 1
                 self._note_dropped(1, "queue full")
                 return
-            q.append(event)
-            if len(q) >= self._batch_size:
-                w = self._wakeup
-                if w is not None and not w.done():
-                    w.set_result(None)
+            self._events.append(event)
+            self._queued += 1
         except Exception:  # a log problem must never reach a client
             pass
 
+    def _take_events(self) -> list[tuple]:
+        """The submit()ted events as records (the feed's tick); a malformed one is dropped and counted here."""
+        events, self._events = self._events, []
+        self._queued -= len(events)
+        records = []
+        for ev in events:
+            try:
+                records.append(event_record(ev))
+            except Exception:
+                self._settled += 1
+                self._note_dropped(1, "malformed event")
+                log.debug("query log: malformed event dropped", exc_info=True)
+        return records
+
+    def _take(self, records: list[tuple], infos: list, scores, counted: int) -> None:
+        """An analysed (and maybe scored) batch from the feed; the first `counted` records were submit()ted."""
+        fresh = len(records) - counted
+        self.submitted += fresh
+        room = self._queue_size - self._queued
+        if len(records) > room:
+            # The store cannot keep up: the newest records go (event objects were bounded as they came).
+            keep = max(room, counted)
+            lost = len(records) - keep
+            records, infos = records[:keep], infos[:keep]
+            scores = scores[:keep] if scores is not None else None
+            self._settled += lost
+            self._note_dropped(lost, "queue full")
+        if not records:
+            return
+        self._queue.append((records, infos, scores))
+        self._queued += len(records)
+        if self._queued >= self._batch_size:
+            self._wake()
+
+    @property
+    def queued(self) -> int:
+        return self._queued + len(self.feed.records)
+
     def stats(self) -> dict[str, int]:
         return {
-            "submitted": self.submitted, "written": self.written, "spooled": self.spooled,
-            "replayed": self.replayed, "dropped": self.dropped, "queued": len(self._queue),
+            "submitted": self.submitted + len(self.feed.records), "written": self.written, "spooled": self.spooled,
+            "replayed": self.replayed, "dropped": self.dropped, "queued": self.queued,
             "spool_bytes": self._spool.bytes, "store_connected": int(self._conn is not None),
             "templates_known": len(self._known), "analysis_cache_entries": len(self.analyzer),
             "analysis_cache_hits": self.analyzer.hits, "analysis_cache_misses": self.analyzer.misses,
@@ -475,6 +739,7 @@ class QueryLog:
 
     async def start(self) -> None:
         self._spool.open()
+        self.feed.start()
         self._tasks = [asyncio.get_running_loop().create_task(self._analyse_loop(), name="querylog-analyse"),
                        asyncio.get_running_loop().create_task(self._store_loop(), name="querylog-store")]
         log.info("query log: writing to %s as proxy %s", _redacted(self.store_dsn), self.proxy_id)
@@ -483,6 +748,8 @@ class QueryLog:
         """Write what is queued (or spool it) within cfg.stop_timeout, then close."""
         if not self._tasks:
             return
+        self.feed.tick()
+        self.feed.stop()
         self._closing = True
         self._wake()
         self._outbox_ready.set()
@@ -509,9 +776,13 @@ class QueryLog:
             self._inflight = None
         while self._outbox:
             self._spool_batch(self._outbox.popleft())
-        if self._queue:
-            n = len(self._queue)
+        n = sum(len(chunk[0]) for chunk in self._queue) + len(self._events) + len(self.feed.records)
+        if n:
             self._queue.clear()
+            self._events = []
+            self.submitted += len(self.feed.records)
+            self.feed.records.clear()
+            self._queued = 0
             self._settled += n
             self._note_dropped(n, "not written before shutdown")
         await self._close_conn()
@@ -531,6 +802,7 @@ class QueryLog:
     async def flush(self, timeout: float = 30.0, include_spool: bool = False) -> bool:
         """Wait until every event submitted so far is written, spooled or dropped (and, with include_spool,
         until the spool is replayed). Returns False on timeout."""
+        self.feed.tick()
         target = self.submitted
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -573,10 +845,10 @@ class QueryLog:
                         if time.monotonic() >= self._hook_log_at:
                             log.exception("query log: the before_batch hook failed")
                             self._hook_log_at = time.monotonic() + 60
-                n = min(len(self._queue), self._batch_size)
-                events = [self._queue.popleft() for _ in range(n)]
+                records, infos, scores = self._next_batch()
+                n = len(records)
                 try:
-                    batch = await self._analyse(events)
+                    batch = await self._analyse(records, infos, scores)
                 except Exception:  # never lose the writer to a bug: count and carry on
                     log.exception("query log: analysing a batch failed; %d events dropped", n)
                     self._settled += n
@@ -584,102 +856,107 @@ class QueryLog:
                     continue
                 await self._hand_over(batch)
 
-    async def _analyse(self, events: list[QueryEvent]) -> _Batch:
+    def _next_batch(self) -> tuple[list, list, list | None]:
+        """Up to batch_size records from the queue's chunks, with their analyses and scores."""
+        q = self._queue
+        records, infos, scores = q.popleft()
+        if len(records) > self._batch_size:
+            k = self._batch_size
+            q.appendleft((records[k:], infos[k:], scores[k:] if scores is not None else None))
+            records, infos, scores = records[:k], infos[:k], scores[:k] if scores is not None else None
+        while q and len(records) + len(q[0][0]) <= self._batch_size:
+            more, more_infos, more_scores = q.popleft()
+            if scores is not None or more_scores is not None:
+                scores = (scores if scores is not None else [None] * len(records)) + (
+                    more_scores if more_scores is not None else [None] * len(more))
+            records = records + more
+            infos = infos + more_infos
+        self._queued -= len(records)
+        return records, infos, scores
+
+    async def _analyse(self, records: list[tuple], infos: list, scores: list | None) -> _Batch:
         rows: list[tuple] = []
+        append = rows.append
         templates: dict[str, list] = {}
         known = self._known
         observe = self.query_stats.observe
-        analyze = self.analyzer.analyze
         with_params = self.cfg.parameters
-        settled = len(events)
+        settled = len(records)
         slice_start = time.perf_counter()
-        for i, ev in enumerate(events):
-            if not i & 31 and time.perf_counter() - slice_start > _ANALYSE_SLICE:
+        if scores is None:
+            scores = [None] * settled
+        for i, rec in enumerate(records):
+            if not i & 255 and time.perf_counter() - slice_start > _ANALYSE_SLICE:
                 await asyncio.sleep(0)
                 slice_start = time.perf_counter()
+            info = infos[i]
             try:
-                info = analyze(ev.sql)
+                if info is None:
+                    raise ValueError("no analysis")
                 stmts = info.statements
-                params = self._parameters(ev, info) if with_params else None
-                idx = ev.stmt_index
+                idx = rec[R_STMT]
+                params = self._parameters(rec, info) if with_params else None
                 if len(stmts) == 1 or idx is not None:
                     if idx is not None and 0 <= idx < len(stmts):
-                        s, params = stmts[idx], self._statement_params(params, stmts, idx, ev)
+                        s, params = stmts[idx], self._statement_params(params, stmts, idx, rec)
                     else:
                         s = info if len(stmts) > 1 else stmts[0]
-                    row = self._row(ev, s, ev.ts, int(ev.duration_us), int(ev.wait_us), ev.rows,
-                                    int(ev.bytes_out), ev.sqlstate, params)
-                    rows.append(row)
-                    observe(s.fingerprint, s.normalized, s.kind, row[1], row[7], row[9] is not None)
+                    score = scores[i]
+                    (ts, duration, wait, _, nrows, nbytes, sqlstate, who, pid, xact, in_xact, _, _, cache_outcome,
+                     rewrite, own_score) = rec
+                    append((ts, duration, wait, s, nrows, nbytes, sqlstate, who, pid, xact, in_xact,
+                            "extended" if idx == -1 else "simple", cache_outcome, rewrite,
+                            own_score if score is None else score, params))
+                    observe(s.fingerprint, s.normalized, s.kind, duration, nrows, sqlstate is not None)
                     if s.fingerprint not in known:
-                        self._note_template(templates, s, ev, idx if len(stmts) > 1 else None, row[0])
+                        self._note_template(templates, s, rec, idx if len(stmts) > 1 else None, ts)
                 else:
-                    self._split(ev, stmts, params, rows, templates, observe)
+                    self._split(rec, stmts, params, scores[i], rows, templates, observe)
             except Exception:
                 self._settled += 1
                 settled -= 1
                 self._note_dropped(1, "malformed event")
                 log.debug("query log: malformed event dropped", exc_info=True)
-        return _Batch(rows, templates, settled)
+        return _Batch(rows, templates, settled, compact=True)
 
-    def _split(self, ev: QueryEvent, stmts: tuple[StatementInfo, ...], params, rows, templates, observe) -> None:
+    def _split(self, rec: tuple, stmts: tuple[StatementInfo, ...], params, score, rows, templates, observe) -> None:
         k = len(stmts)
-        duration, nbytes = int(ev.duration_us), int(ev.bytes_out)
+        (ts, duration, wait, _, nrows, nbytes, sqlstate, who, pid, xact, in_xact, idx, _, cache_outcome,
+         rewrite, own_score) = rec
+        protocol = "extended" if idx == -1 else "simple"
         for i, s in enumerate(stmts):
             last = i == k - 1
             share = duration // k + (duration % k if last else 0)
             bshare = nbytes // k + (nbytes % k if last else 0)
-            row = self._row(ev, s, ev.ts, share, int(ev.wait_us) if i == 0 else 0, ev.rows if last else None,
-                            bshare, ev.sqlstate if last else None, self._statement_params(params, stmts, i, ev))
+            row = (ts, share, wait if i == 0 else 0, s, nrows if last else None, bshare, sqlstate if last else None,
+                   who, pid, xact, in_xact, protocol, cache_outcome, rewrite, own_score if score is None else score,
+                   self._statement_params(params, stmts, i, rec))
             rows.append(row)
-            observe(s.fingerprint, s.normalized, s.kind, share, row[7], row[9] is not None)
+            observe(s.fingerprint, s.normalized, s.kind, share, row[4], row[6] is not None)
             if s.fingerprint not in self._known:
-                self._note_template(templates, s, ev, i, row[0])
+                self._note_template(templates, s, rec, i, ts)
 
-    def _row(self, ev: QueryEvent, s: StatementInfo, ts, duration, wait, rows, nbytes, sqlstate, params) -> tuple:
-        addr = ev.client_addr
-        if addr is not None:
-            cache = self._addr_cache
-            addr = cache[addr] if addr in cache else self._check_addr(addr)
-        pid, xact, in_xact = ev.backend_pid, ev.xact_id, ev.in_transaction
-        # Coerced here so that one odd event is dropped on its own rather than making the store refuse a batch.
-        return (float(ts), duration, wait, s.fingerprint, s.kind, s.tables_read, s.tables_written,
-                None if rows is None else int(rows), nbytes, sqlstate, ev.database, ev.username,
-                ev.application_name, addr, None if pid is None else int(pid), None if xact is None else int(xact),
-                None if in_xact is None else bool(in_xact), ev.protocol, ev.cache_outcome, ev.rewrite,
-                None if ev.anomaly_score is None else float(ev.anomaly_score), self.proxy_id, params)
-
-    def _check_addr(self, addr: str) -> str | None:
-        try:
-            ipaddress.ip_address(addr)
-            valid = addr
-        except ValueError:
-            try:
-                ipaddress.ip_interface(addr)
-                valid = addr
-            except ValueError:
-                valid = None    # a unix socket path, or something the inet column would refuse
-        if len(self._addr_cache) > 10_000:
-            self._addr_cache.clear()
-        self._addr_cache[addr] = valid
-        return valid
-
-    def _parameters(self, ev: QueryEvent, info: StatementInfo) -> list[str | None] | None:
-        if ev.parameters is not None:
-            return [None if p is None else _clean_text(p) for p in ev.parameters]
-        if ev.protocol == "simple" and info.literal_count:
-            return [_clean_text(v) for v in extract_literals(ev.sql)]
+    @staticmethod
+    def _parameters(rec: tuple, info: StatementInfo) -> list[str | None] | None:
+        params = rec[R_PARAMS]
+        if params is not None:
+            if type(params) is bytes:
+                return bind_values(params)
+            return [None if p is None else _clean_text(p) for p in params]
+        if rec[R_STMT] != -1 and info.literal_count:
+            sql = rec[R_SQL]
+            return [_clean_text(v) for v in extract_literals(sql if type(sql) is str else sql.decode("utf-8", "replace"))]
         return None
 
     @staticmethod
-    def _statement_params(params, stmts: tuple[StatementInfo, ...], idx: int, ev: QueryEvent):
+    def _statement_params(params, stmts: tuple[StatementInfo, ...], idx: int, rec: tuple):
         """A multi-statement text's extracted literals belong to its statements in order."""
-        if params is None or len(stmts) == 1 or ev.parameters is not None:
+        if params is None or len(stmts) == 1 or rec[R_PARAMS] is not None:
             return params
         start = sum(s.literal_count for s in stmts[:idx])
         return params[start:start + stmts[idx].literal_count] or None
 
-    def _note_template(self, templates: dict, s: StatementInfo, ev: QueryEvent, idx, ts: float) -> None:
+    def _note_template(self, templates: dict, s: StatementInfo, rec: tuple, idx, ts: float) -> None:
         t = templates.get(s.fingerprint)
         if t is not None:
             t[5] = min(t[5], ts)
@@ -687,7 +964,9 @@ class QueryLog:
             return
         sample = None
         if self.cfg.parameters:
-            sample = ev.sql if idx is None else _statement_text(ev.sql, idx)
+            sql = rec[R_SQL]
+            sql = sql if type(sql) is str else sql.decode("utf-8", "replace")
+            sample = sql if idx is None else _statement_text(sql, idx)
         templates[s.fingerprint] = [s.normalized, s.kind, list(s.tables_read), list(s.tables_written), sample,
                                     ts, ts]
 
@@ -891,15 +1170,16 @@ class QueryLog:
                          dt.datetime.fromtimestamp(t[6], _UTC), t[4]) for fp, t in new])
                 # Several COPYs of a bounded size, so encoding never holds the event loop for long.
                 for start in range(0, len(rows), _COPY_ROWS):
-                    data = self._encoder.encode(rows[start:start + _COPY_ROWS])
+                    chunk = rows[start:start + _COPY_ROWS]
+                    data = (self._encoder.encode_compact(chunk, self.proxy_id) if batch.compact
+                            else self._encoder.encode(chunk))
                     await conn.copy_to_table("query_events", schema_name="pgpilot", columns=COLUMNS,
                                              source=io.BytesIO(data), format="text")
         self._known.update(fp for fp, _ in new)
         if len(self._known) > 200_000:
             self._known = {fp for fp, _ in new}
         seen = self._last_seen
-        for r in rows:
-            fp = r[_FP]
+        for r, fp in zip(rows, batch.fingerprints()):
             if r[0] > seen.get(fp, 0.0):
                 seen[fp] = r[0]
 
@@ -1030,6 +1310,40 @@ def _clean_text(value) -> str:
     elif not isinstance(value, str):
         value = str(value)
     return value.replace("\x00", "") if "\x00" in value else value
+
+
+def bind_values(raw: bytes) -> list[str | None] | None:
+    """The parameter values of a Bind message: text-format values as text, binary ones as \\x and hex."""
+    try:
+        pos = raw.index(b"\0", 5) + 1          # portal name
+        pos = raw.index(b"\0", pos) + 1        # statement name
+        (nformats,) = _I16.unpack_from(raw, pos)
+        formats = _I16S(nformats).unpack_from(raw, pos + 2) if nformats else ()
+        pos += 2 + 2 * nformats
+        (nparams,) = _I16.unpack_from(raw, pos)
+        pos += 2
+        values: list[str | None] = []
+        for i in range(nparams):
+            (size,) = _I32.unpack_from(raw, pos)
+            pos += 4
+            if size < 0:
+                values.append(None)
+                continue
+            value = raw[pos:pos + size]
+            pos += size
+            binary = (formats[i] if nformats > 1 else formats[0]) if nformats else 0
+            values.append("\\x" + value.hex() if binary else _clean_text(value))
+        return values
+    except (ValueError, IndexError, struct.error):
+        return None
+
+
+def _I16S(n: int) -> struct.Struct:
+    return struct.Struct(f"!{n}h")
+
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
 
 
 def _statement_text(sql: str, idx: int) -> str | None:

@@ -1,27 +1,28 @@
 """Anomaly scoring of finished statements, off the client's path: small batches every few ms, flags with reasons.
 
-The session hands every finished statement to `AnomalyScorer.submit(event)`, which only appends it to a
-buffer. A timer drains the buffer anomaly.score_interval seconds after its first statement arrived: each
-statement is analysed (fingerprint and normalized text, from the cache the query log shares), turned into
-the anomaly model's feature row as the learner builds it (proxy.features through the champion's
-ServingContext: template history, familiar senders, the sender's recent errors), the batch is scored in one
-onnxruntime call, and `event.anomaly_score` is set before the query log writes the row (it batches every
-~0.5 s). A statement scoring at least the threshold is flagged with the class of its strongest rule
-(proxy.features.anomaly_signals; "unusual" when the model alone saw it) and a reason in words: a
-pgpilot.anomaly log line (rate-limited), a count by class, an entry in the SHOW ANOMALIES ring, and an
-offer to each alert sink (webhook, NOTIFY), which never blocks.
+Finished statements arrive as records from the statement feed (proxy/querylog.py StatementFeed): every
+anomaly.score_interval the feed takes what the sessions appended, analyses each text once (the analysis the
+query log then reuses) and calls `score_records`. Each record is turned into the anomaly model's feature row
+as the learner builds it (proxy.features through the champion's ServingContext: template history, familiar
+senders, the sender's recent errors), the new rows of a batch are scored in one onnxruntime call, and the
+scores go with the batch to the query log. A statement scoring at least the threshold is flagged with the
+class of its strongest rule (proxy.features.anomaly_signals; "unusual" when the model alone saw it) and a
+reason in words: a pgpilot.anomaly log line (rate-limited), a count by class, an entry in the SHOW ANOMALIES
+ring, and an offer to each alert sink (webhook, NOTIFY), which never blocks.
 
 Without a model every statement still gets the learner's rule score, limited to what needs no history
-(injection shapes and error bursts), unless anomaly.rules_without_model is off.
+(clear injection shapes and error bursts; a probing function alone is a weak sign), unless
+anomaly.rules_without_model is off.
 
 The row's per-statement part (statement shape, template history, sender familiarity) is computed once per
-(template, normalized text, application, client) with proxy.features.transform_one; only the event's own
-values (time, rows, bytes, error, the sender's recent errors, parameters) are filled in per batch, with the
-same arithmetic as proxy.features (tests/models/test_rows.py checks both give the same rows).
+(statement analysis, session) with proxy.features.transform_one; only the event's own values (time, rows,
+bytes, error, the sender's recent errors, parameters) are filled in per batch, with the same arithmetic as
+proxy.features (tests/models/test_rows.py checks both give the same rows). Scores are memoized by that part
+and the event's values bucketed to under 1 % (not with parameters), so a steady workload rarely calls the
+model at all.
 """
 from __future__ import annotations
 
-import asyncio
 import bisect
 import logging
 import math
@@ -31,6 +32,8 @@ from collections import Counter, deque
 import numpy as np
 
 from proxy.analysis import Analyzer, extract_literals
+from proxy.querylog import (R_BYTES, R_DURATION, R_PARAMS, R_ROWS, R_SESSION, R_SQL, R_SQLSTATE, R_STMT, R_TS,
+                            StatementFeed, bind_values, event_record, statement_of)
 from proxy.features import (ANOMALY_CLASSES, EVENT_FEATURES, FEATURE_NAMES, PARAM_FEATURES, RecentErrors,
                             anomaly_signals, expectation_columns, param_features, transform_many, transform_one)
 
@@ -54,6 +57,8 @@ _C_KNOWN = COL["hist_known"]
 # the expected time for the statement's size and parameters, from its template's fit, and a probe-like error
 _C_EXPECTED = [COL[n] for n in ("ev_expected_log", "ev_expected_mad_log", "ev_z_expected", "ev_excess_expected_ms",
                                 "ev_error_probe")]
+_C_PROBE = COL["inj_suspicious_funcs"]
+_PROBE_WEIGHT = 0.3                     # a probing function alone, scored by rules: a weak sign, not a flag
 # The event features the batch path computes itself; any other (a newer proxy.features) makes the scorer build
 # each row with proxy.features.transform_one instead: slower, never different.
 _BATCHED_EVENT_FEATURES = frozenset({
@@ -68,6 +73,8 @@ assert set(EVENT_FEATURES) <= set(NAMES)
 _MAD_FLOOR = 0.25
 _Z_CLIP = 50.0
 _STATIC_LIMIT = 50_000
+_MEMO_STEPS = 128.0         # memo buckets per log unit of duration, rows and bytes (under 1 % wide)
+_MEMO_LIMIT = 200_000
 DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -128,6 +135,41 @@ def _runner(model):
     return run
 
 
+def _text(sql) -> str:
+    return sql if type(sql) is str else sql.decode("utf-8", "replace")
+
+
+class _Facts:
+    """A batch's records as the rows need them: parallel lists over the records that have an analysis."""
+
+    __slots__ = ("parts", "index", "ts", "dur", "nrows", "nbytes", "failed", "recent", "params")
+
+    def __init__(self):
+        self.parts: list[StatementRow] = []
+        self.index: list[int] = []           # position of each among the batch's records
+        self.ts: list = []
+        self.dur: list = []
+        self.nrows: list = []
+        self.nbytes: list = []
+        self.failed: list[bool] = []
+        self.recent: list[int] = []
+        self.params: list | None = None
+
+
+class FlaggedStatement:
+    """A flagged record with the names describe() and AnomalyFlag read (built for flags only)."""
+
+    __slots__ = ("ts", "duration_us", "rows", "bytes_out", "sqlstate", "database", "username", "application_name",
+                 "client_addr")
+
+    def __init__(self, rec: tuple):
+        who = rec[R_SESSION]
+        self.ts, self.duration_us, self.rows, self.bytes_out = rec[R_TS], rec[R_DURATION], rec[R_ROWS], rec[R_BYTES]
+        self.sqlstate = rec[R_SQLSTATE]
+        self.database, self.username = who.database, who.username
+        self.application_name, self.client_addr = who.application_name, who.client_addr
+
+
 class AnomalyFlag:
     """One flagged statement, as SHOW ANOMALIES, the log line and the alert sinks show it."""
 
@@ -170,9 +212,8 @@ class AnomalyScorer:
         self.recent: deque[AnomalyFlag] = deque(maxlen=cfg.recent_flags)
         self._errors = RecentErrors()
         self._static: dict[tuple, StatementRow] = {}
-        self._buf: list = []
-        self._scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._memo: dict[tuple, float] = {}          # (fixed part, buckets, SQLSTATE, recent errors) -> score
+        self.feed: StatementFeed | None = None       # where finished statements come from (ServedModels sets it)
         self._log_allowance = cfg.log_max_per_second
         self._log_checked = time.monotonic()
         # counters for /metrics
@@ -196,6 +237,7 @@ class AnomalyScorer:
         self.context = model.context if model is not None else None
         self._run = _runner(model) if model is not None else None
         self._static.clear()
+        self._memo.clear()
 
     @property
     def threshold(self) -> float:
@@ -211,96 +253,137 @@ class AnomalyScorer:
             return "model"
         return "rules" if self.cfg.rules_without_model else None
 
-    # ---------------------------------------------------------------- the session's side
+    # ---------------------------------------------------------------- the feed's side
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        """Score the feed's batches without a query log (with one, the query log's feed calls score_records)."""
+        if self.feed is None:
+            self.feed = StatementFeed(self.analyzer, self.interval)
+            self.feed.scorer = self
+        self.feed.start()
+
+    def stop(self) -> None:
+        if self.feed is not None:
+            self.feed.tick()
+            if self.feed.query_log is None:
+                self.feed.stop()
 
     def submit(self, event) -> None:
-        """Take a finished statement (O(1)); it is scored within score_interval."""
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_later(self.interval, self._drain)
-        if len(self._buf) < self.queue_size:
-            self._buf.append(event)
-        else:
-            self.unscored += 1
+        """Take a finished statement as an event object (O(1)); it is scored within score_interval."""
+        self.feed.records.append(event_record(event))
 
     def flush(self) -> None:
-        """Score whatever is buffered now (shutdown)."""
-        while self._buf:
-            batch, self._buf = self._buf[:self.max_batch], self._buf[self.max_batch:]
-            self._score_safely(batch)
+        """Score whatever is waiting now."""
+        if self.feed is not None:
+            self.feed.tick()
 
-    def _drain(self) -> None:
-        batch = self._buf
-        if len(batch) > self.max_batch:
-            batch, self._buf = batch[:self.max_batch], batch[self.max_batch:]
-            self._loop.call_soon(self._drain)   # the rest after the clients' callbacks had a turn
-        else:
-            self._buf = []
-            self._scheduled = False
-        self._score_safely(batch)
+    def score_records(self, records: list[tuple], infos: list) -> list | None:
+        """Scores of a batch of records (None where unscored); flags those at or above the threshold."""
+        if self.source is None:
+            self.unscored += len(records)
+            return None
+        if len(records) > self.queue_size:
+            self.unscored += len(records) - self.queue_size
+            records, infos = records[:self.queue_size], infos[:self.queue_size]
+        out: list = []
+        for start in range(0, len(records), self.max_batch):
+            chunk = records[start:start + self.max_batch]
+            try:
+                scores = self._score(chunk, infos[start:start + self.max_batch])
+            except Exception:  # scoring must never take the proxy down; the statements stay unscored
+                self.failed += 1
+                self.unscored += len(chunk)
+                log.exception("scoring a batch of %d statements failed", len(chunk))
+                scores = None
+            out.extend(scores if scores is not None else [None] * len(chunk))
+        return out
 
-    def _score_safely(self, batch: list) -> None:
-        try:
-            self.score(batch)
-        except Exception:  # scoring must never take the proxy down; the statements stay unscored
-            self.failed += 1
-            self.unscored += len(batch)
-            log.exception("scoring a batch of %d statements failed", len(batch))
+    def score(self, events: list) -> np.ndarray | None:
+        """Score event objects: set each one's anomaly_score and flag those at or above the threshold."""
+        if not events:
+            return None
+        records = [event_record(ev) for ev in events]
+        scores = self._score(records, [self.analyzer.analyze(_text(r[R_SQL])) for r in records])
+        if scores is None:
+            if self.source is None:
+                self.unscored += len(events)
+            return None
+        for ev, score in zip(events, scores):
+            ev.anomaly_score = score
+        return np.array([np.nan if v is None else v for v in scores])
 
     # ---------------------------------------------------------------- scoring
 
     def rows_for(self, events: list) -> tuple[np.ndarray, list[StatementRow]]:
-        """The anomaly feature rows of finished statements, and their fixed parts (stateful: recent errors)."""
-        ctx = self.context
-        observe = (ctx.recent_errors if ctx is not None else self._errors).observe
-        analyze = self.analyzer.analyze
+        """The anomaly feature rows of finished statements (event objects), and their fixed parts (stateful:
+        recent errors)."""
+        records = [event_record(ev) for ev in events]
+        facts = self._collect(records, [self.analyzer.analyze(_text(r[R_SQL])) for r in records])
+        return self._matrix(records, facts), facts.parts
+
+    def _collect(self, records: list[tuple], infos: list) -> "_Facts":
+        """What the rows need of each record that has an analysis (stateful: recent errors)."""
+        errors = self.context.recent_errors if self.context is not None else self._errors
+        observe = errors.observe
         static = self._static
-        parts: list[StatementRow] = []
-        facts: list[tuple] = []                   # (duration, rows, bytes, error, recent errors) per statement
-        params: list | None = [] if self.with_parameters else None
-        for ev in events:
-            info = analyze(ev.sql)
-            stmts = info.statements
-            idx = ev.stmt_index
-            if len(stmts) == 1:
-                s = stmts[0]
-            elif idx is not None and 0 <= idx < len(stmts):
-                s = stmts[idx]
-            else:
-                s = info
-            key = (s.fingerprint, s.normalized, ev.application_name or "", ev.client_addr or "")
-            part = static.get(key)
+        f = _Facts()
+        parts, index, ts, dur, nrows, nbytes, failed, recent = (f.parts, f.index, f.ts, f.dur, f.nrows, f.nbytes,
+                                                                f.failed, f.recent)
+        params = f.params = [] if self.with_parameters else None
+        watch_errors = bool(errors)               # some sender has errors in its window
+        for i, (rec, info) in enumerate(zip(records, infos)):
+            if info is None:
+                continue
+            idx = rec[R_STMT]
+            s = statement_of(info, idx)
+            who = rec[R_SESSION]
+            part = static.get((s, who))
             if part is None:
-                part = self._static_row(key, s)
+                part = self._static_row(s, who)
+            index.append(i)
             parts.append(part)
-            failed = ev.sqlstate is not None
-            facts.append((ev.duration_us, ev.rows or 0, ev.bytes_out or 0, failed,
-                          observe(part.sender, float(ev.ts or 0.0), failed)))
+            t = rec[R_TS]
+            ts.append(t)
+            dur.append(rec[R_DURATION])
+            nrows.append(rec[R_ROWS] or 0)
+            nbytes.append(rec[R_BYTES] or 0)
+            err = rec[R_SQLSTATE] is not None
+            failed.append(err)
+            if err or watch_errors:
+                recent.append(observe(part.sender, float(t or 0.0), err))
+                watch_errors = True
+            else:
+                recent.append(0)
             if params is not None:
-                params.append(self._parameters(ev, info, stmts, idx))
+                params.append(self._parameters(rec, info, idx))
+        return f
+
+    def _matrix(self, records: list[tuple], f: "_Facts", rows: list[int] | None = None) -> np.ndarray:
+        """The feature rows of the collected records (of positions `rows` among them, if given)."""
+        parts = f.parts
+        take = (lambda values: values) if rows is None else (lambda values: [values[k] for k in rows])
+        parts = take(parts)
         if not parts:
-            return np.zeros((0, len(NAMES)), np.float32), parts
-        F = np.array(facts, dtype=np.float64)
-        dur, rows, nbytes = F[:, 0], F[:, 1], F[:, 2]
+            return np.zeros((0, len(NAMES)), np.float32)
+        F = np.array((take(f.dur), take(f.nrows), take(f.nbytes)), dtype=np.float64).T
+        params = take(f.params) if f.params is not None else None
         if not BATCHED:
-            return self._exact_rows(events, parts, dur, rows, nbytes, F[:, 4], params), parts
+            return self._exact_rows(records, take(f.index), parts, F[:, 0], F[:, 1], F[:, 2], take(f.recent), params)
         X = np.stack([p.row for p in parts])
-        X[:, _C_VOLUME] = _lg(F[:, :3])
-        X[:, _C_ERR] = F[:, 3]
-        X[:, _C_RECENT] = F[:, 4]
+        X[:, _C_VOLUME] = _lg(F)
+        X[:, _C_ERR] = take(f.failed)
+        X[:, _C_RECENT] = take(f.recent)
         if any(p.known for p in parts):
             S = np.array([p.stats for p in parts], dtype=np.float64)
-            X[:, _C_Z] = _robust_z(F[:, :3], S[:, _S_P50], S[:, _S_MAD])
-            known = (S[:, 0] > 0) & (dur != 0)
+            d = F[:, 0]
+            X[:, _C_Z] = _robust_z(F, S[:, _S_P50], S[:, _S_MAD])
+            known = (S[:, 0] > 0) & (d != 0)
             if _C_OVER_P95 is not None:
-                X[:, _C_OVER_P95] = np.where(known, np.log10(np.maximum(dur, 1e-3) / np.maximum(S[:, 2], 1.0)), 0.0)
+                X[:, _C_OVER_P95] = np.where(known, np.log10(np.maximum(d, 1e-3) / np.maximum(S[:, 2], 1.0)), 0.0)
             if _C_EXCESS is not None:
                 p50 = S[:, 1]
-                X[:, _C_EXCESS] = np.where(known & ~np.isnan(p50), (dur - p50) / 1000.0, np.where(known, dur / 1000.0,
-                                                                                                      0.0))
+                X[:, _C_EXCESS] = np.where(known & ~np.isnan(p50), (d - p50) / 1000.0, np.where(known, d / 1000.0,
+                                                                                                0.0))
         pfs: list = [None] * len(parts)
         if params is not None:
             for i, values in enumerate(params):
@@ -308,22 +391,28 @@ class AnomalyScorer:
                     pf = pfs[i] = param_features(tuple(values))
                     for col, j in _PAR_IN_ROW:
                         X[i, col] = pf[j]
-        X[:, _C_EXPECTED] = expectation_columns([p.template for p in parts], dur, rows, nbytes, pfs,
-                                                [ev.sqlstate for ev in events])
-        return X, parts
+        X[:, _C_EXPECTED] = expectation_columns([p.template for p in parts], F[:, 0], F[:, 1], F[:, 2], pfs,
+                                                [records[i][R_SQLSTATE] for i in take(f.index)])
+        return X
 
     @staticmethod
-    def _exact_rows(events, parts, dur, rows, nbytes, recent, params) -> np.ndarray:
+    def _exact_rows(records, index, parts, dur, rows, nbytes, recent, params) -> np.ndarray:
         """Rows built one by one by proxy.features (for event features the batch path does not know)."""
-        return transform_many([{
-            "sql": p.normalized, "parameters": None if params is None or params[i] is None else tuple(params[i]),
-            "ts": ev.ts, "duration_us": float(dur[i]), "rows": float(rows[i]), "bytes_out": float(nbytes[i]),
-            "sqlstate": ev.sqlstate, "application_name": p.app, "client_addr": ev.client_addr,
-            "template": p.template, "app_known": p.app_known, "client_known": p.client_known,
-            "client_recent_errors": float(recent[i])} for i, (ev, p) in enumerate(zip(events, parts))], KIND)
+        out = []
+        for k, (i, p) in enumerate(zip(index, parts)):
+            rec = records[i]
+            who = rec[R_SESSION]
+            out.append({
+                "sql": p.normalized, "parameters": None if params is None or params[k] is None else tuple(params[k]),
+                "ts": rec[R_TS], "duration_us": float(dur[k]), "rows": float(rows[k]), "bytes_out": float(nbytes[k]),
+                "sqlstate": rec[R_SQLSTATE], "application_name": p.app, "client_addr": who.client_addr,
+                "template": p.template, "app_known": p.app_known, "client_known": p.client_known,
+                "client_recent_errors": float(recent[k])})
+        return transform_many(out, KIND)
 
-    def _static_row(self, key: tuple, s) -> StatementRow:
-        fingerprint, normalized, app, client = key
+    def _static_row(self, s, who) -> StatementRow:
+        fingerprint, normalized = s.fingerprint, s.normalized
+        app, client = who.application_name or "", who.client_addr or ""
         ctx = self.context
         if ctx is not None:
             part = StatementRow(fingerprint, normalized, ctx.established(fingerprint), app in ctx.apps,
@@ -332,84 +421,121 @@ class AnomalyScorer:
             part = StatementRow(fingerprint, normalized, None, False, False, app, client)
         if len(self._static) >= _STATIC_LIMIT:
             self._static.clear()
-        self._static[key] = part
+            self._memo.clear()
+        self._static[s, who] = part
         if self.on_template is not None:
             self.on_template(fingerprint, normalized)
         return part
 
-    def _parameters(self, ev, info, stmts, idx) -> list | None:
+    def _parameters(self, rec: tuple, info, idx) -> list | None:
         """The statement's literal values or bound parameters, as the query log stores them."""
-        if ev.parameters is not None:
-            return ev.parameters
-        if ev.protocol != "simple" or not info.literal_count:
+        params = rec[R_PARAMS]
+        if params is not None:
+            return bind_values(params) if type(params) is bytes else params
+        if idx == -1 or not info.literal_count:
             return None
-        values = extract_literals(ev.sql)
+        values = extract_literals(_text(rec[R_SQL]))
+        stmts = info.statements
         if len(stmts) == 1:
             return values
         i = idx if idx is not None and 0 <= idx < len(stmts) else len(stmts) - 1
         start = sum(x.literal_count for x in stmts[:i])
         return values[start:start + stmts[i].literal_count] or None
 
-    def score(self, events: list) -> np.ndarray | None:
-        """Score a batch: set each event's anomaly_score and flag those at or above the threshold."""
+    def _score(self, records: list[tuple], infos: list) -> list | None:
+        """Scores of the records (None for those without an analysis), flags; None when nothing scores.
+
+        A statement whose fixed part, SQLSTATE, recent errors and duration, rows and bytes (each within 1/128 of a
+        log unit, under 1%) equal an earlier one's gets that one's score without a model call (the memo, not
+        used with parameters, which every row has its own of). Flagged statements get their own row for the
+        reason."""
         source = self.source
-        if not events:
-            return None
-        if source is None:
-            self.unscored += len(events)
+        if source is None or not records:
             return None
         started = time.perf_counter()
-        X, parts = self.rows_for(events)
-        model = self.model
-        if model is not None:
-            scores = self._run(X)
-            signals = None
+        f = self._collect(records, infos)
+        parts = f.parts
+        if not parts:
+            return [None] * len(records)
+        n = len(parts)
+        memo = self._memo if f.params is None else None
+        if memo is not None:
+            Q = np.floor(np.log1p(np.maximum(np.array((f.dur, f.nrows, f.nbytes), dtype=np.float64), 0.0))
+                         * _MEMO_STEPS).astype(np.int64).tolist()
+            states = [records[i][R_SQLSTATE] for i in f.index] if any(f.failed) else f.failed
+            keys = list(zip(parts, Q[0], Q[1], Q[2], states, f.recent))
+            got = [memo.get(k) for k in keys]
+            todo = [k for k in range(n) if got[k] is None]
+            if todo:
+                fresh: dict = {}
+                for k in todo:
+                    fresh.setdefault(keys[k], k)
+                rows = list(fresh.values())
+                values = self._model_scores(self._matrix(records, f, rows)).tolist()
+                if len(memo) + len(values) > _MEMO_LIMIT:
+                    memo.clear()
+                for key, v in zip(fresh, values):
+                    memo[key] = v
+                for k in todo:
+                    got[k] = memo[keys[k]]
+            scores = np.array(got, dtype=np.float64)
         else:
-            signals = self._rule_signals(X)
-            scores = signals.max(axis=1)
-        threshold = self.threshold
-        for ev, s in zip(events, scores.tolist()):
-            ev.anomaly_score = s
-        flagged = np.nonzero(scores >= threshold)[0]
-        if len(flagged):
-            if signals is None:
-                signals = anomaly_signals(X[flagged])
-            else:
-                signals = signals[flagged]
+            scores = self._model_scores(self._matrix(records, f))
+        flagged = np.nonzero(scores >= self.threshold)[0].tolist()
+        if flagged:
+            X = self._matrix(records, f, flagged)
+            signals = anomaly_signals(X) if self.model is not None else self._rule_signals(X)
             now = time.time()
-            for k, i in enumerate(flagged.tolist()):
-                self._flag(events[i], parts[i], X[i], float(scores[i]), signals[k], now)
-        self.scored[source] += len(events)
-        self._account(events, started)
-        return scores
+            for k, i in enumerate(flagged):
+                self._flag(records[f.index[i]], parts[i], X[k], float(scores[i]), signals[k], now)
+        self.scored[source] += n
+        self._account(f.ts, f.dur, started)
+        values = scores.tolist()
+        if n == len(records):
+            return values
+        out: list = [None] * len(records)
+        for i, v in zip(f.index, values):
+            out[i] = v
+        return out
+
+    def _model_scores(self, X: np.ndarray) -> np.ndarray:
+        if self.model is not None:
+            return self._run(X)
+        return self._rule_signals(X).max(axis=1)
 
     def _rule_signals(self, X: np.ndarray) -> np.ndarray:
-        """Rule scores needing no history: the statement treated as known, only injection and error bursts kept."""
+        """Rule scores needing no history: the statement treated as known, only error bursts and clear injection
+        shapes kept. A probing function alone (current_user, version(), pg_backend_pid()...) is a weak sign here,
+        as drivers and consoles call them; with a model, the model weighs it against the learned workload."""
         known = X.copy()
         known[:, _C_KNOWN] = 1.0
+        probe = known[:, _C_PROBE] > 0
+        known[:, _C_PROBE] = 0.0
         signals = anomaly_signals(known)
         kept = np.zeros_like(signals)
         kept[:, _I_BURST] = signals[:, _I_BURST]
-        kept[:, _I_INJECTION] = signals[:, _I_INJECTION]
+        kept[:, _I_INJECTION] = signals[:, _I_INJECTION] + np.where(probe, _PROBE_WEIGHT, 0.0)
         return kept
 
-    def _account(self, events: list, started: float) -> None:
+    def _account(self, ts: list, dur: list, started: float) -> None:
         finished = time.perf_counter()
         self.busy_seconds += finished - started
         self.batches += 1
-        n = len(events)
+        n = len(ts)
         self.batch_sum += n
         self.batch_counts[bisect.bisect_left(BATCH_BUCKETS, n)] += 1
         now = time.time()
-        delays = now - np.array([ev.ts + ev.duration_us * 1e-6 for ev in events])
+        delays = now - (np.array(ts, dtype=np.float64) + np.array(dur, dtype=np.float64) * 1e-6)
         self.delay_sum += float(delays.sum())
         self.delay_counts += np.bincount(np.searchsorted(DELAY_BUCKETS, delays), minlength=len(DELAY_BUCKETS) + 1)
 
     # ---------------------------------------------------------------- flags
 
-    def _flag(self, ev, part: StatementRow, x: np.ndarray, score: float, signals: np.ndarray, now: float) -> None:
+    def _flag(self, rec: tuple, part: StatementRow, x: np.ndarray, score: float, signals: np.ndarray,
+              now: float) -> None:
         strongest = int(np.argmax(signals))
         cls = ANOMALY_CLASSES[strongest] if signals[strongest] > 0 else UNUSUAL
+        ev = FlaggedStatement(rec)
         flag = AnomalyFlag(
             flagged_at=now, completed_at=ev.ts + ev.duration_us / 1e6, score=score, cls=cls,
             reason=describe(cls, x, part, ev, self.context), fingerprint=part.fingerprint,

@@ -72,6 +72,7 @@ class LearnedAdmission:
         self._by_key: dict[str, AdmissionDecision | None] = {}   # None: the heuristic decides this template
         self._by_fingerprint: dict[str, AdmissionDecision] = {}
         self._pending: dict[str, str] = {}                        # stripped text -> one of its texts
+        self._key_of: dict[str, str] = {}                         # text -> stripped text
         self.decisions: Counter[tuple[str, bool]] = Counter()     # (model | heuristic, admitted)
 
     def use_model(self, model) -> None:
@@ -83,8 +84,12 @@ class LearnedAdmission:
         self._pending.clear()
 
     def admit(self, stats) -> bool:
-        text = stats.template
-        key = literal_key(text)[0]
+        text = stats.template     # the template's first text: the same string object call after call
+        key = self._key_of.get(text)
+        if key is None:
+            if len(self._key_of) >= self.max_templates:
+                self._key_of.clear()
+            key = self._key_of[text] = literal_key(text)[0]
         decision = self._by_key.get(key, _MISSING)
         if decision is _MISSING:
             if self.model is not None and len(self._pending) < self.max_templates:
@@ -224,6 +229,11 @@ class ServedModels:
         if acfg.enabled:
             self.scorer = AnomalyScorer(acfg, analyzer, with_parameters=config.query_log.parameters,
                                         default_threshold=config.learning.anomaly_threshold)
+            if server.query_log is not None:
+                # One feed: each batch is analysed once, scored, then logged with its scores.
+                feed = self.scorer.feed = server.query_log.feed
+                feed.scorer = self.scorer
+                feed.interval = min(feed.interval, acfg.score_interval)
             self._start_sinks()
             self.scorer.sinks = self.sinks
             self.scorer.start()
@@ -247,8 +257,6 @@ class ServedModels:
         self._register_commands()
         server.scorer = self.scorer
         server.guard = self.guard
-        if self.scorer is not None and server.query_log is not None:
-            server.query_log.before_batch = self.scorer.flush   # scores land in the rows the log writes
         log.info("models: registry %s%s%s%s", config.learning.model_dir if mcfg.enabled else "not watched",
                  ", anomaly scoring on" if self.scorer else "", f", enforcing {', '.join(acfg.enforce)}"
                  if self.guard else "", ", learned cache admission" if self.admission else "")
@@ -266,7 +274,7 @@ class ServedModels:
 
     async def stop(self) -> None:
         if self.scorer is not None:
-            self.scorer.flush()
+            self.scorer.stop()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

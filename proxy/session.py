@@ -28,7 +28,7 @@ from proxy.protocol import (  # message types as module constants: the hot path 
     F_BIND, F_CLOSE, F_COPY_DONE, F_COPY_FAIL, F_DESCRIBE, F_EXECUTE, F_FLUSH, F_FUNCTION_CALL, F_PARSE,
     F_QUERY, F_SYNC, F_TERMINATE
 )
-from proxy.querylog import QueryEvent
+from proxy.querylog import QueryEvent, session_info
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
@@ -193,6 +193,11 @@ class ClientSession(asyncio.Protocol):
         self.guard = server.guard                # rejects statements inline (anomaly enforce mode), or None
         self.scorer = server.scorer              # scores finished statements off the client's path, or None
         self._cache_ctx = None                   # CacheContext for the current settings (built lazily)
+        # Finished statements go to the query log and the scorer as one record each (querylog.RECORD).
+        feed = server.query_log.feed if server.query_log is not None else getattr(server.scorer, "feed", None)
+        self._record = feed.records.append if feed is not None else None
+        self._log_session = None                 # querylog.SessionInfo, set at startup
+        self._log_binds: dict | None = {} if feed is not None and self.config.query_log.parameters else None
         self._cache_req: CacheRequest | None = None   # a looked-up request whose reply should fill the cache
         self._capture: list | None = None        # reply messages being captured for a cache fill
         self._capture_bytes = 0
@@ -386,6 +391,8 @@ class ClientSession(asyncio.Protocol):
         self.user, self.database = user, database
         self.application_name = params.get("application_name", "")
         is_admin = database == self.config.admin.database and self.server.admin is not None
+        if self._record is not None:
+            self._log_session = session_info(database, user, self.application_name, self.client_addr)
         # As in Postgres, authentication comes first: an unknown database is not revealed to strangers.
         try:
             if not await self.server.authenticate(self, params):
@@ -520,12 +527,16 @@ class ClientSession(asyncio.Protocol):
                     self._pin_if_needed(effects)
                 pending.append(Pending(t, sql=sql, start=time.perf_counter(), effects=effects))
                 out.append(raw)
+                if self._log_binds is not None:
+                    pending[-1].params = self._log_binds.get(portal)   # the values, for query_log.parameters
                 if self.cache is not None and sql is not None:
                     self._cache_request_sent(sql)
             elif t == F_BIND:
                 portal, pos = P.read_cstring(raw, 5)
                 stmt, pos2 = P.read_cstring(raw, pos)
                 if not stmt:
+                if self._log_binds is not None:
+                    self._log_binds[portal] = raw
                     self._ensure_unnamed(be, out)
                     self.portals[portal] = self.unnamed_sql
                     out.append(raw)
@@ -577,6 +588,8 @@ class ClientSession(asyncio.Protocol):
                     if what != 0x53:
                         self.portals.pop(name, None)
                     pending.append(Pending(t))
+                        if self._log_binds is not None:
+                            self._log_binds.pop(name, None)
                     out.append(raw)
             elif t == F_COPY_DONE or t == F_COPY_FAIL:
                 out.append(raw)
@@ -1205,22 +1218,16 @@ class ClientSession(asyncio.Protocol):
         e.start = now   # the next statement of a multi-statement Query starts here
         duration_us = int((now - start) * 1e6)
         self.traffic.statement(duration_us, sqlstate)
-        if (self.query_log is None and self.scorer is None) or e.sql is None:
+        record = self._record
+        if record is None or e.sql is None:
             return
         sent = self.bytes_out + sum(map(len, out))
         nbytes, self._bytes_mark = sent - self._bytes_mark, sent
         wait_us, self._wait_us = self._wait_us, 0
-        # Positional arguments: a third of the cost of keywords, and this runs once per statement.
-        event = QueryEvent(
-            time.time() - (now - start), duration_us, wait_us, e.sql.decode("utf-8", "replace"),
-            P.command_tag_rows(cc) if cc else None, nbytes, sqlstate, self.database, self.user,
-            self.application_name, self.client_addr, self.backend.pid if self.backend else None, self.xact_id,
-            self.txn_status != b"I", "simple" if e.kind == F_QUERY else "extended", None, None, None, None,
-            e.done if e.kind == F_QUERY else None)
-        if self.scorer is not None:
-            self.scorer.submit(event)      # sets event.anomaly_score within milliseconds, before the log writes it
-        if self.query_log is not None:
-            self.query_log.submit(event)
+        # One tuple in querylog.RECORD order, appended to a list: the feed analyses, scores and logs in batches.
+        record((time.time() - (now - start), duration_us, wait_us, e.sql, P.command_tag_rows(cc) if cc else None,
+                nbytes, sqlstate, self._log_session, self.backend.pid if self.backend else None, self.xact_id,
+                self.txn_status != b"I", e.done if e.kind == F_QUERY else -1, e.params, None, None, None))
 
     # ================================================================ helpers
 

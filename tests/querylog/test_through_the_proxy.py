@@ -30,3 +30,43 @@ def test_statements_through_the_proxy_land_in_the_log_one_row_each(pg, fresh_db,
         ("select", "simple", "SELECT bal FROM acc", 2, ["acc"], []),
         ("transaction", "simple", "COMMIT", None, [], []),
     ]
+
+
+def test_bound_parameters_are_logged_with_the_parameters_option(pg, fresh_db, proxy_factory, tmp_path):
+    store = pg.dsn_for(fresh_db)
+    proxy = proxy_factory(dbname=fresh_db, query_log={"enabled": True, "dsn": store, "flush_interval": 0.05,
+                                                      "parameters": True, "spool_dir": str(tmp_path / "spool")})
+    with psycopg.connect(proxy.dsn(fresh_db), autocommit=True) as client:
+        client.execute("CREATE TABLE acc (id int PRIMARY KEY, name text, photo bytea)")
+        # %t: text format; psycopg sends a Python int in binary otherwise, stored as \x and hex like any binary value.
+        client.execute("INSERT INTO acc VALUES (%t, %t, %t)", (7, "it's ünïcode", None))
+        client.execute("SELECT name FROM acc WHERE id = %t AND name <> %t", (7, "x"))
+        client.execute("SELECT id FROM acc WHERE photo = %b", (b"\x01\xff",))
+        client.execute("SELECT id FROM acc WHERE id = %t", (8,), prepare=True)
+        client.execute("SELECT id FROM acc WHERE id = %t", (9,), prepare=True)
+        client.execute("SELECT 1 WHERE 'a' = 'b'")                               # simple protocol: literals
+    proxy.stop()
+
+    rows = fetch(store, "SELECT protocol, parameters FROM pgpilot.query_events WHERE kind <> 'ddl' "
+                        "ORDER BY ts, xact_id")
+    assert rows == [
+        ("extended", ["7", "it's ünïcode", None]),
+        ("extended", ["7", "x"]),
+        ("extended", ["\\x01ff"]),
+        ("extended", ["8"]),
+        ("extended", ["9"]),
+        ("simple", ["1", "a", "b"]),
+    ]
+
+
+def test_bound_parameters_are_not_logged_without_the_option(pg, fresh_db, proxy_factory, tmp_path):
+    store = pg.dsn_for(fresh_db)
+    proxy = proxy_factory(dbname=fresh_db, query_log={"enabled": True, "dsn": store, "flush_interval": 0.05,
+                                                      "spool_dir": str(tmp_path / "spool")})
+    with psycopg.connect(proxy.dsn(fresh_db), autocommit=True) as client:
+        client.execute("SELECT %s::int + 1", (41,))
+        client.execute("SELECT 2 WHERE 'a' = 'b'")
+    proxy.stop()
+
+    assert fetch(store, "SELECT protocol, parameters FROM pgpilot.query_events ORDER BY ts") == [
+        ("extended", None), ("simple", None)]
