@@ -29,7 +29,7 @@ import numpy as np
 from pglast import parser as pg_parser
 
 # Bump whenever a feature's meaning, order or computation changes: models trained on another version are refused.
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3
 
 _CONST_TOKENS = frozenset({"SCONST", "ICONST", "FCONST", "BCONST", "XCONST", "USCONST"})
 _COMMENT_TOKENS = frozenset({"SQL_COMMENT", "C_COMMENT"})
@@ -596,13 +596,16 @@ def expectation_columns(templates: list, dur, rows, nbytes, pfs: list, sqlstates
     return out
 
 
-# SQLSTATE classes that probing produces (undefined table or column, syntax, permission, bad input, bad login,
-# unknown schema), unlike timeouts, lock and serialization failures or constraint violations.
-PROBE_SQLSTATE_CLASSES = frozenset({"42", "22", "28", "3F"})
+# SQLSTATE classes of operational failures: connection, transaction state, serialization and deadlock,
+# resources, lock not available, cancel and timeout, system errors. They say how the server is doing, not what
+# the client tried; any other failure (undefined object, syntax, permission, bad input, constraint...) may be a
+# probe.
+OPERATIONAL_SQLSTATE_CLASSES = frozenset({"08", "25", "40", "53", "55", "57", "58"})
 
 
 def is_probe_error(sqlstate) -> bool:
-    return bool(sqlstate) and sqlstate[:2] in PROBE_SQLSTATE_CLASSES
+    """A failure whose SQLSTATE is not an operational one (a code-less failure counts)."""
+    return bool(sqlstate) and sqlstate[:2] not in OPERATIONAL_SQLSTATE_CLASSES
 
 EVENT_FEATURES = (
     "ev_duration_log", "ev_rows_log", "ev_bytes_log", "ev_error", "ev_z_duration", "ev_z_rows", "ev_z_bytes",
@@ -856,9 +859,9 @@ def anomaly_signals(X: np.ndarray, slow_over_expected_log10: float = SLOW_OVER_E
     novelty = np.where(known, 0.0, np.where(unusual_client, 1.0, 0.3))
     error = col("ev_error") > 0
     burst = np.where(error, np.clip(col("ev_client_recent_errors") - 1.0, 0, 2), 0.0)
-    # a probe-like failure (undefined object, syntax, permission, bad input) of a statement never seen before
-    # or of one that always fails: a probe more often than a bug (a timeout, a lock or a constraint violation
-    # is the application's own business: an analytical query that always times out is not an attack)
+    # a non-operational failure (undefined object, syntax, permission, bad input, constraint) of a statement
+    # never seen before or of one that always fails: a probe more often than a bug (a timeout, a deadlock or a
+    # lack of resources says how the server is doing: an analytical query that always times out is no probe)
     burst = np.maximum(burst, np.where(error & (col("ev_error_probe") > 0) & (~known | (col("hist_error_rate") >= 0.9)),
                                        0.6, 0.0))
     strong = ((col("inj_const_comparisons") > 0) | (col("inj_statements") > 1) | (col("inj_union_nulls") > 0)
