@@ -192,12 +192,12 @@ class ClientSession(asyncio.Protocol):
         self.cache = server.cache                # ResultCache, or None when caching is off
         self.guard = server.guard                # rejects statements inline (anomaly enforce mode), or None
         self.scorer = server.scorer              # scores finished statements off the client's path, or None
-        self._cache_ctx = None                   # CacheContext for the current settings (built lazily)
         # Finished statements go to the query log and the scorer as one record each (querylog.RECORD).
         feed = server.query_log.feed if server.query_log is not None else getattr(server.scorer, "feed", None)
         self._record = feed.records.append if feed is not None else None
         self._log_session = None                 # querylog.SessionInfo, set at startup
         self._log_binds: dict | None = {} if feed is not None and self.config.query_log.parameters else None
+        self._cache_ctx = None                   # CacheContext for the current settings (built lazily)
         self._cache_req: CacheRequest | None = None   # a looked-up request whose reply should fill the cache
         self._capture: list | None = None        # reply messages being captured for a cache fill
         self._capture_bytes = 0
@@ -390,9 +390,9 @@ class ClientSession(asyncio.Protocol):
         database = params.get("database") or user
         self.user, self.database = user, database
         self.application_name = params.get("application_name", "")
-        is_admin = database == self.config.admin.database and self.server.admin is not None
         if self._record is not None:
             self._log_session = session_info(database, user, self.application_name, self.client_addr)
+        is_admin = database == self.config.admin.database and self.server.admin is not None
         # As in Postgres, authentication comes first: an unknown database is not revealed to strangers.
         try:
             if not await self.server.authenticate(self, params):
@@ -526,17 +526,17 @@ class ClientSession(asyncio.Protocol):
                 if effects:
                     self._pin_if_needed(effects)
                 pending.append(Pending(t, sql=sql, start=time.perf_counter(), effects=effects))
-                out.append(raw)
                 if self._log_binds is not None:
                     pending[-1].params = self._log_binds.get(portal)   # the values, for query_log.parameters
+                out.append(raw)
                 if self.cache is not None and sql is not None:
                     self._cache_request_sent(sql)
             elif t == F_BIND:
                 portal, pos = P.read_cstring(raw, 5)
                 stmt, pos2 = P.read_cstring(raw, pos)
-                if not stmt:
                 if self._log_binds is not None:
                     self._log_binds[portal] = raw
+                if not stmt:
                     self._ensure_unnamed(be, out)
                     self.portals[portal] = self.unnamed_sql
                     out.append(raw)
@@ -587,9 +587,9 @@ class ClientSession(asyncio.Protocol):
                 else:
                     if what != 0x53:
                         self.portals.pop(name, None)
-                    pending.append(Pending(t))
                         if self._log_binds is not None:
                             self._log_binds.pop(name, None)
+                    pending.append(Pending(t))
                     out.append(raw)
             elif t == F_COPY_DONE or t == F_COPY_FAIL:
                 out.append(raw)
