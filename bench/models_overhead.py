@@ -1,8 +1,8 @@
 """What the learner's models cost inside the proxy: pgbench -S through pgpilot with anomaly scoring and learned cache
 admission on, against the same proxy with both off, side by side.
 
-    python -m bench.models_overhead [--rounds 3] [--duration 10] [--clients 16] [--no-cache] [--query-log]
-                                    [--json out.json] [--quick]
+    python -m bench.models_overhead [--rounds 3] [--duration 10] [--clients 16] [--protocols simple,extended,prepared]
+                                    [--no-cache] [--query-log] [--json out.json] [--quick]
 
 One private PostgreSQL cluster (fsync off) gets `pgbench -i -s <scale>`. Its traffic (pgbench -S and -N through a
 logging proxy for a few seconds) is the log the learner's anomaly step trains on (learning.pipeline, exported to
@@ -12,9 +12,9 @@ log whose labels are all "does not pay").
 
 Two proxies run in front of the cluster, identical (transaction pooling, query log off unless --query-log,
 result cache on unless --no-cache) except that `off` has anomaly scoring and model loading disabled, and `on` serves the registry:
-every statement scored by the anomaly model, fills admitted by the cache model. For each round,
-`pgbench -S -c <clients> -T <duration>` runs against off then on (A B A B ...). The table shows the median TPS
-of each, the median of the per-round ratios on/off, the proxy process CPU per transaction (psutil), the
+every statement scored by the anomaly model, fills admitted by the cache model. For each round and protocol,
+`pgbench -S -M <protocol> -c <clients> -T <duration>` runs against both, interleaved (which goes first
+alternates by round). The table shows per protocol the median TPS of each, the median of the per-round ratios on/off, the proxy process CPU per transaction (psutil), the
 scorer's own CPU per scored statement (from pgpilot_anomaly_scoring_cpu_seconds / pgpilot_anomaly_scored), the
 mean batch size, and the share of statements scored (and, when flagged, flagged) within 100 ms of completion.
 """
@@ -46,6 +46,7 @@ PGBENCH_SELECT = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 @dataclass
 class Run:
     round: int
+    protocol: str
     target: str
     tps: float | None
     transactions: int
@@ -62,6 +63,7 @@ class Run:
 
 @dataclass
 class Summary:
+    protocol: str = ""
     tps: dict = field(default_factory=dict)
     cpu_us_per_tx: dict = field(default_factory=dict)
     ratio_on_off: float | None = None
@@ -157,7 +159,7 @@ def run_once(n: int, target: str, proxy: ProxyProcess, clients: int, duration: f
     m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", text)
     tx = int(re.search(r"actually processed: (\d+)", text).group(1)) if "actually processed" in text else 0
     failed = re.search(r"number of failed transactions: (\d+)", text)
-    run = Run(n, target, float(m.group(1)) if m and out.returncode == 0 else None, tx,
+    run = Run(n, protocol, target, float(m.group(1)) if m and out.returncode == 0 else None, tx,
               int(failed.group(1)) if failed else 0, cpu / tx * 1e6 if tx else None,
               error=None if out.returncode == 0 else (out.stderr.strip().splitlines() or ["?"])[-1])
     if target == "on":
@@ -178,8 +180,9 @@ def median(values) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(runs: list[Run]) -> Summary:
-    s = Summary()
+def summarize(runs: list[Run], protocol: str) -> Summary:
+    runs = [r for r in runs if r.protocol == protocol]
+    s = Summary(protocol)
     for t in TARGETS:
         s.tps[t] = median(r.tps for r in runs if r.target == t)
         s.cpu_us_per_tx[t] = median(r.cpu_us_per_tx for r in runs if r.target == t)
@@ -203,6 +206,7 @@ def fmt(v, spec: str = ".0f") -> str:
 
 
 def print_table(runs: list[Run], s: Summary, clients: int, protocol: str, cache: bool, query_log: bool) -> None:
+    runs = [r for r in runs if r.protocol == protocol]
     print(f"\npgbench -S -M {protocol} -c {clients}, result cache {'on' if cache else 'off'}, query log "
           f"{'on' if query_log else 'off'} in both")
     print(f"{'round':>5} {'target':<6} {'TPS':>8} {'cpu us/tx':>9} {'scoring us/stmt':>15} {'batch':>6} "
@@ -228,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10, help="seconds per pgbench run")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale")
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--protocol", default="simple", choices=("simple", "extended", "prepared"))
+    parser.add_argument("--protocols", default="simple,extended,prepared",
+                        help="comma-separated pgbench -M protocols, each run every round")
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--train-seconds", type=float, default=5, help="pgbench traffic logged for training")
     parser.add_argument("--no-cache", action="store_true", help="result cache off in both (no admission at all)")
@@ -254,18 +259,30 @@ def main(argv: list[str] | None = None) -> int:
         off = ProxyProcess({**common, "anomaly": {"enabled": False}, "models": {"enabled": False}}).start()
         on = ProxyProcess(common).start()
         proxies += [off, on]
+        protocols = [p for p in args.protocols.split(",") if p]
         runs: list[Run] = []
         for n in range(1, args.rounds + 1):
-            for target, proxy in (("off", off), ("on", on)):
-                run = run_once(n, target, proxy, args.clients, duration, args.protocol)
-                runs.append(run)
-                log(f"round {n}/{args.rounds} {target}: {fmt(run.tps)} TPS"
-                    + (f", scorer {fmt(run.scoring_us_per_statement, '.2f')} us/statement" if target == "on" else ""))
-        summary = summarize(runs)
-        print_table(runs, summary, args.clients, args.protocol, not args.no_cache, args.query_log)
+            for protocol in protocols:
+                order = (("off", off), ("on", on)) if n % 2 else (("on", on), ("off", off))
+                for target, proxy in order:
+                    run = run_once(n, target, proxy, args.clients, duration, protocol)
+                    runs.append(run)
+                    log(f"round {n}/{args.rounds} -M {protocol} {target}: {fmt(run.tps)} TPS, "
+                        f"{fmt(run.cpu_us_per_tx, '.1f')} us cpu/tx"
+                        + (f", scorer {fmt(run.scoring_us_per_statement, '.2f')} us/statement" if target == "on"
+                           else ""))
+        summaries = [summarize(runs, p) for p in protocols]
+        for summary in summaries:
+            print_table(runs, summary, args.clients, summary.protocol, not args.no_cache, args.query_log)
+        print(f"\n{'protocol':<9} | {'TPS off':>8} {'on':>8} | {'on/off':>6} | {'cpu us/tx off':>13} {'on':>6} | "
+              f"{'scorer us/stmt':>14}")
+        for s in summaries:
+            print(f"{s.protocol:<9} | {fmt(s.tps['off']):>8} {fmt(s.tps['on']):>8} | {fmt(s.ratio_on_off, '.3f'):>6} | "
+                  f"{fmt(s.cpu_us_per_tx['off'], '.1f'):>13} {fmt(s.cpu_us_per_tx['on'], '.1f'):>6} | "
+                  f"{fmt(s.scoring_us_per_statement, '.2f'):>14}")
         if args.json:
             Path(args.json).write_text(json.dumps({"config": vars(args), "models": shas, "runs": [asdict(r) for r in runs],
-                                                   "summary": asdict(summary)}, indent=2))
+                                                   "summaries": [asdict(s) for s in summaries]}, indent=2))
         return 0
     finally:
         for p in proxies:
