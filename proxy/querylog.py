@@ -181,8 +181,8 @@ def statement_of(info: StatementInfo, idx: int | None) -> StatementInfo:
 class StatementFeed:
     """Finished statements on their way to the scorer and the query log.
 
-    Sessions append records to `records` (a list: one C-level append each). Every `interval` seconds `tick`
-    takes them, analyses each text once (by the exact bytes first: prepared and extended statements repeat
+    Sessions append records to `records` (a list: one C-level append each). Every `interval` seconds (20 ms at
+    most, so that analysing a batch never holds the event loop for long) `tick` takes them, analyses each text once (by the exact bytes first: prepared and extended statements repeat
     the same text object), lets the scorer score them, then hands them to the query log. Records whose text
     cannot be analysed (never from a session) get None as their analysis and are dropped by both.
     """
@@ -291,6 +291,7 @@ _DAY = 86400
 _EPOCH = dt.date(1970, 1, 1)
 _UTC = dt.timezone.utc
 _ANALYSE_SLICE = 0.001        # seconds of analysis between two yields to the event loop
+_FEED_INTERVAL = 0.02         # seconds between two takes of the feed, at most: small batches, short pauses
 _SPOOL_LINE_ROWS = 200        # rows per spool line (one JSON document)
 _COPY_ROWS = 1000             # rows per COPY statement (a batch may take several, in one transaction)
 _OUTBOX_BATCHES = 4           # analysed batches that may wait for the store before spilling to the spool
@@ -642,7 +643,7 @@ class QueryLog:
         self.replayed = 0
         self.dropped = 0
         # Sessions append records here; its tick analyses them (once, for the scorer too) and calls _take.
-        self.feed = StatementFeed(self.analyzer, cfg.flush_interval)
+        self.feed = StatementFeed(self.analyzer, min(cfg.flush_interval, _FEED_INTERVAL))
         self.feed.query_log = self
         self._events: list = []                  # submit()ted events, counted, not yet taken by the feed
         self._queue: deque[tuple] = deque()      # (records, analyses, scores or None) chunks, analysed
