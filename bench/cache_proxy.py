@@ -29,10 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -107,13 +109,15 @@ def statement_ms(conn, sql: str, runs: int) -> float:
     return statistics.median(times)
 
 
-def pilot(cluster: PgCluster, pool_size: int, cache: dict | None, query_log: dict | None = None) -> ProxyProcess:
+def pilot(cluster: PgCluster, pool_size: int, cache: dict | None, query_log: dict | None = None,
+          profile: str | None = None) -> ProxyProcess:
     """pgpilot in front of the bench database, measuring the pooler and the cache alone: anomaly scoring off, and
-    no served models (every run admits by the heuristic, whatever a learner left in the registry)."""
+    no served models (every run admits by the heuristic, whatever a learner left in the registry). `profile`:
+    write a cProfile of the process there when it stops."""
     config = {"databases": {DBNAME: upstream_entry(cluster, DBNAME)}, "pool_size": pool_size, "log_level": "warning",
               "cache": cache or {"enabled": False}, "query_log": query_log or {"enabled": False},
               "models": {"enabled": False}, "anomaly": {"enabled": False}}
-    return ProxyProcess(config).start()
+    return ProxyProcess(config, env={"PGPILOT_PROFILE": profile} if profile else None).start()
 
 
 def cache_section(redis: RedisServer) -> dict:
@@ -161,13 +165,61 @@ class PgbenchRun:
     bypassed: int | None = None                # cacheable reads sent to Postgres because Redis was slow or down
     proxy_cpu_us_per_tx: float | None = None   # CPU time of the pgpilot process per transaction
     redis_cpu_us_per_tx: float | None = None
+    pgbench_cpu_us_per_tx: float | None = None  # the client's own CPU time
+    postgres_cpu_us_per_tx: float | None = None  # every process of the cluster (backends, walsenders...)
+    machine_cpu_us_per_tx: float | None = None  # every process on the machine (both cores), for the bound
     error: str | None = None
+
+
+class ClusterCpu:
+    """CPU seconds of a PostgreSQL cluster's processes (postmaster and children) over a run, sampled every 0.2 s
+    so backends that exit before the end still count (all but their last fraction of a sample)."""
+
+    def __init__(self, cluster: PgCluster):
+        self.root = psutil.Process(int((cluster.datadir / "postmaster.pid").read_text().split()[0]))
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        for p in [self.root, *self.root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            self._last[p.pid] = t.user + t.system
+            self._first.setdefault(p.pid, self._last[p.pid] if self._thread is None else 0.0)
+
+    def __enter__(self) -> "ClusterCpu":
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self._last[pid] - self._first[pid] for pid in self._last)
 
 
 def pgbench(host: str, port: int, script_path: Path, protocol: str, clients: int, seconds: int) -> dict:
     command = ["pgbench", "-n", "-M", protocol, "-f", str(script_path), "-c", str(clients), "-j", str(min(2, clients)),
                "-T", str(seconds), "-h", host, "-p", str(port), "-U", "postgres", DBNAME]
+    children, machine = resource.getrusage(resource.RUSAGE_CHILDREN), psutil.cpu_times()
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
+    children_after, machine_after = resource.getrusage(resource.RUSAGE_CHILDREN), psutil.cpu_times()
+    client_cpu = children_after.ru_utime + children_after.ru_stime - children.ru_utime - children.ru_stime
+    machine_cpu = sum(machine_after) - sum(machine) - (machine_after.idle - machine.idle) - (
+        machine_after.iowait - machine.iowait)
 
     def number(pattern: str, cast=float):
         m = re.search(pattern, out.stdout)
@@ -178,7 +230,8 @@ def pgbench(host: str, port: int, script_path: Path, protocol: str, clients: int
         error = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
     return {"tps": None if error else number(r"tps = ([\d.]+) \(without initial connection time\)"),
             "transactions": number(r"number of transactions actually processed: (\d+)", int) or 0,
-            "failed": number(r"number of failed transactions: (\d+)", int) or 0, "error": error}
+            "failed": number(r"number of failed transactions: (\d+)", int) or 0, "error": error,
+            "client_cpu": client_cpu, "machine_cpu": machine_cpu}
 
 
 def hit_ratio(before: dict, after: dict) -> float | None:
@@ -338,8 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--read-percent", type=int, default=95)
     ap.add_argument("--heavy-ms", type=float, default=50.0, help="target duration of the heavy query on Postgres")
     ap.add_argument("--hit-runs", type=int, default=2000, help="timed cache hits per round")
+    ap.add_argument("--parts", default="abc", help="which parts to run: any of a (throughput), b (hit latency), "
+                    "c (logged trace)")
+    ap.add_argument("--scenario", choices=list(SCENARIOS), action="append",
+                    help="run only this scenario of (a) and (c) (repeatable; default: both)")
+    ap.add_argument("--profile", metavar="DIR", help="write cProfiles of both pgpilot targets into DIR")
     ap.add_argument("--json", help="write the runs and the summary here")
     args = ap.parse_args(argv)
+    scenarios = {k: v for k, v in SCENARIOS.items() if not args.scenario or k in args.scenario}
     if args.quick:
         args.rounds, args.seconds, args.heavy_ms, args.hit_runs = 1, 3, 10.0, 300
     report = Report(settings=vars(args).copy())
@@ -349,30 +408,39 @@ def main(argv: list[str] | None = None) -> int:
     started: list[ProxyProcess] = []
     try:
         log(f"PostgreSQL :{cluster.port}, Redis :{redis.port}; creating {HOT_ROWS} items and the sales table ...")
-        report.sales_rows, report.heavy_direct_ms = create_schema(cluster, args.heavy_ms, 5_000_000)
+        report.sales_rows, report.heavy_direct_ms = create_schema(
+            cluster, args.heavy_ms, 5_000_000 if "b" in args.parts else 20_000)
         log(f"sales: {report.sales_rows} rows, heavy aggregate {report.heavy_direct_ms:.1f} ms direct")
-        plain = pilot(cluster, args.pool_size, None)
-        cached = pilot(cluster, args.pool_size, cache_section(redis))
+        profiles = Path(args.profile) if args.profile else None
+        if profiles:
+            profiles.mkdir(parents=True, exist_ok=True)
+        plain = pilot(cluster, args.pool_size, None, profile=str(profiles / "pgpilot.prof") if profiles else None)
+        cached = pilot(cluster, args.pool_size, cache_section(redis),
+                       profile=str(profiles / "pgpilot+cache.prof") if profiles else None)
         started += [plain, cached]
         wait_serving(cached)
         targets = {"direct": (cluster.host, cluster.port, None), "pgpilot": (plain.host, plain.port, plain.proc.pid),
                    "pgpilot+cache": (cached.host, cached.port, cached.proc.pid)}
         scripts = {}
-        for name, update in SCENARIOS.items():
+        for name, update in scenarios.items():
             scripts[name] = tmp / f"{name.replace(' ', '_')}.sql"
             scripts[name].write_text(script(update, args.zipf, args.read_percent))
 
         # (a) throughput, interleaved per round and scenario
         runs: list[PgbenchRun] = []
-        for n in range(1, args.rounds + 1):
-            for scenario in SCENARIOS:
+        for n in range(1, args.rounds + 1 if "a" in args.parts else 1):
+            for scenario in scenarios:
                 for target in TARGETS:
                     host, port, pid = targets[target]
                     before = cache_stats(cached) if target == "pgpilot+cache" else None
                     cpu = cpu_seconds(pid), cpu_seconds(redis.proc.pid if before is not None else None)
-                    r = pgbench(host, port, scripts[scenario], args.protocol, args.clients, args.seconds)
+                    with ClusterCpu(cluster) as pg_cpu:
+                        r = pgbench(host, port, scripts[scenario], args.protocol, args.clients, args.seconds)
                     run = PgbenchRun(n, scenario, target, r["tps"], r["transactions"], r["failed"], error=r["error"])
                     run.proxy_cpu_us_per_tx = per_tx_us(cpu[0], cpu_seconds(pid), r["transactions"])
+                    run.pgbench_cpu_us_per_tx = per_tx_us(0.0, r["client_cpu"], r["transactions"])
+                    run.machine_cpu_us_per_tx = per_tx_us(0.0, r["machine_cpu"], r["transactions"])
+                    run.postgres_cpu_us_per_tx = per_tx_us(0.0, pg_cpu.seconds, r["transactions"])
                     if before is not None:
                         run.redis_cpu_us_per_tx = per_tx_us(cpu[1], cpu_seconds(redis.proc.pid), r["transactions"])
                     if before is not None:
@@ -389,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                         if not p.alive():
                             raise RuntimeError(f"pgpilot died:\n{p.log()[-3000:]}")
         report.throughput_runs = [asdict(r) for r in runs]
-        for scenario in SCENARIOS:
+        for scenario in scenarios if runs else ():
             mine = [r for r in runs if r.scenario == scenario]
 
             def per_round(a: str, b: str) -> float | None:
@@ -409,13 +477,19 @@ def main(argv: list[str] | None = None) -> int:
                 "proxy_cpu_us_per_tx_pgpilot": median([r.proxy_cpu_us_per_tx for r in mine if r.target == "pgpilot"]),
                 "proxy_cpu_us_per_tx_cache": median([r.proxy_cpu_us_per_tx for r in mine if r.target == "pgpilot+cache"]),
                 "redis_cpu_us_per_tx": median([r.redis_cpu_us_per_tx for r in mine if r.target == "pgpilot+cache"]),
+                **{f"pgbench_cpu_us_per_tx_{t}": median([r.pgbench_cpu_us_per_tx for r in mine if r.target == t])
+                   for t in TARGETS},
+                **{f"postgres_cpu_us_per_tx_{t}": median([r.postgres_cpu_us_per_tx for r in mine if r.target == t])
+                   for t in TARGETS},
+                **{f"machine_cpu_us_per_tx_{t}": median([r.machine_cpu_us_per_tx for r in mine if r.target == t])
+                   for t in TARGETS},
                 "invalidation_failures": sum(r.invalidation_failures or 0 for r in mine),
                 "bypassed": sum(r.bypassed or 0 for r in mine),
                 "failed": sum(r.failed for r in mine), "errors": [r.error for r in mine if r.error]})
 
         # (b) hit latency of the heavy aggregate
         floor_sql = "SELECT 1"
-        for n in range(1, args.rounds + 1):
+        for n in range(1, args.rounds + 1 if "b" in args.parts else 1):
             direct = latencies_us(cluster.dsn_for(DBNAME), HEAVY, 20)
             through = latencies_us(plain.dsn(DBNAME), HEAVY, 20)
             with psycopg.connect(cached.dsn(DBNAME), autocommit=True, prepare_threshold=None) as conn:
@@ -436,16 +510,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[(b) round {n}/{args.rounds}] heavy: direct p50 {one['direct_p50_us'] / 1000:.1f} ms, pgpilot "
                 f"{one['pgpilot_p50_us'] / 1000:.1f} ms, hit p50 {one['hit_p50_us']:.0f} us p99 {one['hit_p99_us']:.0f} us "
                 f"({served:.0f}/{len(hits)} counted as hits); SELECT 1 direct p50 {one['floor_select1_p50_us']:.0f} us")
-        report.latency = {k: median([r[k] for r in report.latency_rounds]) for k in report.latency_rounds[0]
-                          if k != "round"}
+        if report.latency_rounds:
+            report.latency = {k: median([r[k] for r in report.latency_rounds]) for k in report.latency_rounds[0]
+                              if k != "round"}
 
         # (c) a logged trace against the simulated caches
         plain.stop()
-        logged = pilot(cluster, args.pool_size, cache_section(redis),
-                       {"enabled": True, "parameters": True, "flush_interval": 0.2, "dsn": cluster.dsn_for(STORE)})
-        started.append(logged)
-        wait_serving(logged)
-        for scenario in SCENARIOS:
+        if "c" in args.parts:
+            logged = pilot(cluster, args.pool_size, cache_section(redis),
+                           {"enabled": True, "parameters": True, "flush_interval": 0.2, "dsn": cluster.dsn_for(STORE)})
+            started.append(logged)
+            wait_serving(logged)
+        for scenario in scenarios if "c" in args.parts else ():
             since = time.time()
             r = pgbench(logged.host, logged.port, scripts[scenario], "simple", args.clients, args.seconds)
             until = time.time()
@@ -469,6 +545,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_report(report: Report) -> None:
+    if report.throughput:
+        print_throughput(report)
+    if report.latency:
+        print_latency(report)
+    if report.oracle:
+        print_oracle(report)
+
+
+def print_throughput(report: Report) -> None:
     s = report.settings
     print(f"\n(a) read-mostly pgbench -M {s['protocol']} -c {s['clients']}, {s['read_percent']}% reads of "
           f"{HOT_ROWS} rows (random_zipfian {s['zipf']}), {s['rounds']} round(s) of {s['seconds']} s")
@@ -488,6 +573,18 @@ def print_report(report: Report) -> None:
           "inv fail: writes the cache could not record in Redis (it stops serving until consistent again); "
           "bypassed: reads sent to Postgres because Redis was slow, down or not trusted yet (all rounds); "
           "CPU us/tx: process CPU time per pgbench transaction (median over rounds)")
+    print(f"\nCPU us/tx      | {'pgbench: direct':>15} {'pgpilot':>7} {'+cache':>7} | {'Postgres: direct':>16} "
+          f"{'pgpilot':>7} {'+cache':>7} | {'machine: direct':>15} {'pgpilot':>7} {'+cache':>7}")
+    for t in report.throughput:
+        print(f"{t['scenario']:<14} | " + " ".join(fmt(t[f"pgbench_cpu_us_per_tx_{x}"]).rjust(w) for x, w in
+                                                   zip(TARGETS, (15, 7, 7)))
+              + " | " + " ".join(fmt(t[f"postgres_cpu_us_per_tx_{x}"]).rjust(w) for x, w in zip(TARGETS, (16, 7, 7)))
+              + " | " + " ".join(fmt(t[f"machine_cpu_us_per_tx_{x}"]).rjust(w) for x, w in zip(TARGETS, (15, 7, 7))))
+    print("pgbench: the client's CPU; Postgres: every process of the cluster (backends, the cache's decoding "
+          "walsender...); machine: both cores busy, every process (other users of the machine included)")
+
+
+def print_latency(report: Report) -> None:
     lat = report.latency
     print(f"\n(b) heavy aggregate over {report.sales_rows} rows (sized when its calibration run took "
           f"{report.heavy_direct_ms:.1f} ms), one client, median over rounds")
@@ -495,6 +592,10 @@ def print_report(report: Report) -> None:
           f"cache hit p50 {lat['hit_p50_us']:.0f} us, p90 {lat['hit_p90_us']:.0f} us, p99 {lat['hit_p99_us']:.0f} us "
           f"({lat['hits_counted']:.0f} of {lat['hit_runs']:.0f} runs counted as hits) | "
           f"client floor (SELECT 1 direct) p50 {lat['floor_select1_p50_us']:.0f} us")
+
+
+def print_oracle(report: Report) -> None:
+    s = report.settings
     print(f"\n(c) logged trace (-M simple, {s['seconds']} s per scenario), unbounded caches admitting everything")
     header = f"{'updates go to':<13} | {'policy':<22} | {'reads':>7} {'hits':>7} {'hit ratio':>9} | {'DB time saved s':>15}"
     print(header)

@@ -80,19 +80,20 @@ _RESULT_NEUTRAL_SETTINGS = frozenset((
 class CacheRequest:
     """A read the result cache may answer: its key, what it reads, and how to answer from an entry."""
 
-    __slots__ = ("kind", "sql", "key", "tables", "nmsg", "prefix", "parse_raw", "token", "sent")
+    __slots__ = ("kind", "sql", "key", "verdict", "tables", "nmsg", "prefix", "parse_raw", "token", "sent")
 
-    def __init__(self, kind: int, sql: bytes, key: bytes, tables: tuple, nmsg: int, prefix: bytes = b"",
+    def __init__(self, kind: int, sql: bytes, key: bytes, verdict, nmsg: int, prefix: bytes = b"",
                  parse_raw: bytes | None = None):
         self.kind = kind            # F_QUERY or F_EXECUTE
         self.sql = sql
         self.key = key
-        self.tables = tables
+        self.verdict = verdict      # the cache's Verdict: the tables read and the template's statistics
+        self.tables = verdict.tables
         self.nmsg = nmsg            # client messages the request spans (Parse/Bind/Describe/Execute/Sync)
         self.prefix = prefix        # ParseComplete/BindComplete the client expects before the result
         self.parse_raw = parse_raw  # the batch's Parse, replayed on the session's books on a hit
         self.token = None           # generations read before the query ran: they key the fill
-        self.sent = 0.0
+        self.sent = 0.0             # when the lookup started, then when the query went to Postgres
 
 
 _BYPASS = object()   # the lookup said to go to Postgres without filling
@@ -733,16 +734,18 @@ class ClientSession(asyncio.Protocol):
             key = cache.key(ctx, sql, b"S")
             if not key:
                 return False
-            req = CacheRequest(F_QUERY, sql, key, v.tables, 1)
+            req = CacheRequest(F_QUERY, sql, key, v, 1)
         else:
             req = self._extended_cache_request(items, start, ctx)
             if req is None:
                 return False
+        req.sent = time.perf_counter()
+        if cache.lookup_soon(req.key, req.tables, self._cache_answered, req, req.verdict) is not None:
+            return False     # no lookup now (Redis slow or down, not admitted...): to Postgres, no fill
         self._flush(be, out, cout)
         out.clear()
         cout.clear()
         self.stash = items[start:]
-        asyncio.get_running_loop().create_task(self._cache_lookup(req))
         return True
 
     def _extended_cache_request(self, items: list, start: int, ctx) -> CacheRequest | None:
@@ -799,11 +802,10 @@ class ClientSession(asyncio.Protocol):
         if not key:
             return None
         prefix = (P.PARSE_COMPLETE if parse_raw is not None else b"") + P.BIND_COMPLETE
-        return CacheRequest(F_EXECUTE, sql, key, v.tables, j - start, prefix, parse_raw)
+        return CacheRequest(F_EXECUTE, sql, key, v, j - start, prefix, parse_raw)
 
-    async def _cache_lookup(self, req: CacheRequest) -> None:
-        t0 = time.perf_counter()
-        entry, token = await self.cache.lookup(req.key, req.tables)
+    def _cache_answered(self, req: CacheRequest, entry: bytes | None, token) -> None:
+        """The lookup's answer: reply from the entry, or send the stashed messages to Postgres."""
         if self.closed:
             return
         stash, self.stash = self.stash or [], None
@@ -816,7 +818,7 @@ class ClientSession(asyncio.Protocol):
                 else:
                     self.unnamed, self.unnamed_sql = body, req.sql
             self._write(req.prefix + entry + P.ready_for_query(b"I"))
-            self._served_from_cache(req, entry, t0)
+            self._served_from_cache(req, entry, req.sent)
             rest = stash[req.nmsg:]
         else:
             req.token = token
@@ -872,7 +874,7 @@ class ClientSession(asyncio.Protocol):
         cap.append(cc)
         req, self._capture_req = self._capture_req, None
         exec_us = int((time.perf_counter() - req.sent) * 1e6)
-        self.cache.fill(req.key, req.tables, req.token, b"".join(cap), exec_us, req.sql.decode("utf-8", "replace"))
+        self.cache.fill(req.key, req.tables, req.token, b"".join(cap), exec_us, verdict=req.verdict)
         return None
 
     async def _record_writes(self, writes: set) -> None:

@@ -22,7 +22,7 @@ from collections import Counter, deque
 
 from proxy import analysis
 from proxy.cache import safety as S
-from proxy.cache.admission import AdmissionPolicy, HeuristicAdmission, TemplateTable
+from proxy.cache.admission import AdmissionPolicy, HeuristicAdmission, TemplateStats, TemplateTable
 from proxy.cache.catalog import CatalogSnapshot, ProbeResult, catalog_signature, load_snapshot, probe
 from proxy.cache.context import CacheContext
 from proxy.cache.decoding import ChangeFeed, DecodedTransaction, PollingFeed, StreamingFeed
@@ -40,14 +40,22 @@ _LEN = struct.Struct("<I")
 
 
 class Verdict:
-    """classify()'s answer: cacheable, or the reason code why not; `tables` are the generation keys read."""
+    """classify()'s answer: cacheable, or the reason code why not; `tables` are the generation keys read.
 
-    __slots__ = ("cacheable", "reason", "tables")
+    A cacheable verdict is shared by every text of its template (texts differing only in constants), which
+    `template` names (the text with its constants replaced, or the text itself) and `text` shows (the first
+    text seen); `stats` is the template's TemplateStats once the engine needed them."""
 
-    def __init__(self, cacheable: bool, reason: str | None, tables: tuple = ()):
+    __slots__ = ("cacheable", "reason", "tables", "template", "text", "stats")
+
+    def __init__(self, cacheable: bool, reason: str | None, tables: tuple = (), template: str = "",
+                 text: str = ""):
         self.cacheable = cacheable
         self.reason = reason
         self.tables = tables
+        self.template = template
+        self.text = text
+        self.stats: TemplateStats | None = None
 
     def __repr__(self) -> str:
         return f"Verdict({'cacheable' if self.cacheable else self.reason}, tables={tuple(self.tables)})"
@@ -73,6 +81,11 @@ def uncacheable(reason: str) -> Verdict:
 
 
 PENDING = uncacheable(S.PENDING)
+
+
+def _answer_future(fut: asyncio.Future, entry, token) -> None:
+    if not fut.done():
+        fut.set_result((entry, token))
 
 
 def _make_room(d: dict, limit: int) -> None:
@@ -134,7 +147,8 @@ class ResultCache:
         self.l1 = L1Cache(cfg.l1_max_bytes)
         self.templates = TemplateTable()
         self.admission: AdmissionPolicy = admission or HeuristicAdmission(
-            cfg.admission_warmup, cfg.admission_min_saved_us, cfg.admission_explore_every, cfg.admission_size_scale)
+            cfg.admission_warmup, cfg.admission_min_saved_us, cfg.admission_explore_every, cfg.admission_size_scale,
+            cfg.admission_lookup_us)
         self._dbs = {name: DatabaseState(name, dsn, self.store.hash_key(name)) for name, dsn in upstream_dsns.items()}
         self._verdicts: dict[tuple[bytes, int], Verdict] = {}
         self._shapes: dict[tuple[str, int], Verdict] = {}
@@ -148,7 +162,11 @@ class ResultCache:
         self._ttl_ms = int(cfg.default_ttl * 1000)
         self._stored: deque[list] = deque()   # [expiry second, bytes] of entries this process stored
         self._stored_bytes = 0
+        self._batch: list[tuple] = []          # lookups waiting for the next call to the shared tier
+        self._skip_after = max(1, cfg.admission_warmup)
+        self._explore_every = max(1, cfg.admission_explore_every)
         # Counters for stats().
+        self.batches = 0
         self.hits = 0
         self.hits_l1 = 0
         self.misses = 0
@@ -340,7 +358,8 @@ class ResultCache:
                 if result.reason is not None:
                     v = uncacheable(result.reason)
                 else:
-                    v = Verdict(True, None, self._table_keys(db, result.fields, version))
+                    v = Verdict(True, None, self._table_keys(db, result.fields, version),
+                                shape if shape is not None else text, text)
                 self._remember(sql, shape, ctx, v)
             except asyncio.CancelledError:
                 raise
@@ -427,27 +446,90 @@ class ResultCache:
 
     async def lookup(self, key: bytes, tables) -> tuple[bytes | None, object]:
         """(entry or None, token or None); never raises, bounded by redis_timeout."""
+        fut = asyncio.get_running_loop().create_future()
+        if self.lookup_soon(key, tables, _answer_future, fut) is not None:
+            return None, None
+        return await fut
+
+    def lookup_soon(self, key: bytes, tables, done, arg, verdict: Verdict | None = None) -> str | None:
+        """Queue a lookup: done(arg, entry or None, token or None) runs once the shared tier answered (a token
+        without an entry: a miss whose result may fill the cache; neither: go to Postgres without filling).
+
+        Lookups queued while the event loop runs the current callbacks share one call to the shared tier, sent
+        once they have run: every lookup of the batch began before its generations are read, so each sees
+        every write acknowledged before it began. A lookup never joins a call already sent. Returns the bypass
+        reason instead (counted; `done` is not called) when no lookup can be made now.
+
+        With the statement's `verdict`, admission is decided before the lookup: a template whose results were
+        declined `admission_warmup` times in a row is not looked up (nor offered) but 1 in
+        `admission_explore_every` executions, whose results are stored (exploring: they keep its statistics
+        current)."""
         reason = self._lookup_refusal(key, tables)
+        explore = False
+        stats = None
+        if reason is None and verdict is not None:
+            stats = verdict.stats or self.template_stats(verdict)
+            if stats.declined >= self._skip_after:
+                stats.skipped += 1
+                if stats.skipped % self._explore_every:
+                    reason = "not_admitted"
+                else:
+                    explore = True
         if reason is not None:
             self.bypass[reason] += 1
-            return None, None
-        fields = tables.fields
-        l1 = self.l1.get(key)
+            return reason
+        batch = self._batch
+        batch.append((key, tables, done, arg, explore, stats))
+        if len(batch) == 1:
+            asyncio.get_running_loop().call_soon(self._send_batch)
+        return None
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch:
+            self.batches += 1
+            asyncio.get_running_loop().create_task(self._run_batch(batch))
+
+    async def _run_batch(self, batch: list[tuple]) -> None:
+        candidates: list = [None] * len(batch)
         try:
-            tag, value, reason = await self.store.lookup(tables.db.hash_key if fields else None, fields,
-                                                         self.store.entry_key(key), l1.tag if l1 is not None else "")
+            l1_get = self.l1.get
+            entry_key = self.store.entry_key
+            items = []
+            for i, (key, tables, _, _, _, _) in enumerate(batch):
+                l1 = candidates[i] = l1_get(key)
+                fields = tables.fields
+                items.append((tables.db.hash_key if fields else None, fields, entry_key(key),
+                              l1.tag if l1 is not None else ""))
+            answers = await self.store.lookup_many(items)
         except Exception:  # noqa: BLE001 - a bug here must cost a bypass, never the client's query
             log.exception("cache: lookup failed")
-            tag, value, reason = None, None, "error"
+            answers = [(None, None, "error")] * len(batch)
+        for (key, tables, done, arg, explore, stats), l1, (tag, value, reason) in zip(batch, candidates, answers):
+            try:
+                entry, token = self._settle(key, tables, l1, tag, value, reason, explore, stats)
+            except Exception:  # noqa: BLE001
+                log.exception("cache: lookup failed")
+                entry, token = None, None
+            try:
+                done(arg, entry, token)
+            except Exception:  # noqa: BLE001 - one session's trouble must not keep the others waiting
+                log.exception("cache: answering a lookup failed")
+
+    def _settle(self, key: bytes, tables, l1: L1Entry | None, tag: str | None, value: bytes | None,
+                reason: str | None, explore: bool = False, stats: TemplateStats | None = None
+                ) -> tuple[bytes | None, object]:
+        """One lookup's answer from the tags and value the shared tier returned. The token: (tag, catalog
+        version, whether the lookup explores a template otherwise not looked up: its fill is stored)."""
         if tag is None:
             self.bypass[reason] += 1
             return None, None
-        token = (tag, tables.version)
+        token = (tag, tables.version, explore)
         if l1 is not None:
             if l1.tag == tag:
                 self.hits += 1
                 self.hits_l1 += 1
-                self._count_hit(l1.template)
+                l1.stats.looked_up(True)
                 return l1.payload, token
             self.l1.drop(key)
         if value is not None:
@@ -456,12 +538,22 @@ class ResultCache:
             if end > 0:
                 template = value[start:end].decode("utf-8", "replace")
                 payload = value[end + 1:]
-                self.l1.put(key, L1Entry(tag, payload, template, tuple(tables)))
+                stats = self.templates.get(template)
+                self.l1.put(key, L1Entry(tag, payload, stats, tuple(tables)))
                 self.hits += 1
-                self._count_hit(template)
+                stats.looked_up(True)
                 return payload, token
         self.misses += 1
+        if stats is not None:
+            stats.looked_up(False)
         return None, token
+
+    def template_stats(self, verdict: Verdict) -> TemplateStats:
+        """The statistics of a cacheable verdict's template (kept on the verdict)."""
+        stats = verdict.stats
+        if stats is None:
+            stats = verdict.stats = self.templates.get(verdict.template or verdict.text, verdict.text)
+        return stats
 
     def _lookup_refusal(self, key: bytes, tables) -> str | None:
         if not key:
@@ -479,23 +571,21 @@ class ResultCache:
             return self.store.bypass_reason
         return None
 
-    def _count_hit(self, template: str) -> None:
-        s = self.templates.peek(template)
-        if s is not None:
-            s.hits += 1
-
-    def fill(self, key: bytes, tables, token, payload: bytes, exec_us: int, template: str) -> None:
-        """Offer a result read from Postgres after lookup() missed; stored in the background if admitted."""
+    def fill(self, key: bytes, tables, token, payload: bytes, exec_us: int, template: str = "",
+             verdict: Verdict | None = None) -> None:
+        """Offer a result read from Postgres after lookup() missed; stored in the background if admitted. The
+        template's statistics are the verdict's when given, else those of `template`."""
         if token is None or not key:
             return
         try:
-            self._fill(key, tables, token, payload, exec_us, template or "")
+            stats = self.template_stats(verdict) if verdict is not None else self.templates.get(template or "")
+            self._fill(key, tables, token, payload, exec_us, stats)
         except Exception:  # noqa: BLE001 - a fill that fails is a fill not made
             log.exception("cache: fill failed")
             self.fills_rejected["error"] += 1
 
-    def _fill(self, key: bytes, tables, token, payload: bytes, exec_us: int, template: str) -> None:
-        tag, version = token
+    def _fill(self, key: bytes, tables, token, payload: bytes, exec_us: int, stats: TemplateStats) -> None:
+        tag, version, explore = token
         if version != self.catalog_version or not self._started:
             self.fills_rejected["catalog_changed"] += 1
             return
@@ -503,9 +593,7 @@ class ResultCache:
         if db is None or not db.serving or not self.store.serving:
             self.fills_rejected["not_serving"] += 1
             return
-        stats = self.templates.get(template)
-        stats.offered += 1
-        stats.exec_us_sum += exec_us
+        stats.executed(exec_us)
         stats.bytes_sum += len(payload)
         size = len(payload)
         if size > self.cfg.max_entry_bytes:
@@ -515,9 +603,13 @@ class ResultCache:
         if current is not None and current.tag == tag:
             self.fills_rejected["in_flight"] += 1    # the same result is stored already (or on its way)
             return
-        if not self.admission.admit(stats):
-            self.fills_rejected["not_admitted"] += 1
-            return
+        if self.admission.admit(stats):
+            stats.declined = 0
+        else:
+            stats.declined += 1
+            if not explore:
+                self.fills_rejected["not_admitted"] += 1
+                return
         if self.store.shared:
             # Bytes stored within the last TTL, in one-second buckets: an estimate of what is still in Redis.
             now = time.monotonic()
@@ -533,12 +625,12 @@ class ResultCache:
             else:
                 stored.append([expiry, size])
             self._stored_bytes += size
-            value = b"".join((tag.encode(), b"\n", template.replace("\n", " ").encode(), b"\n", payload))
+            value = b"".join((tag.encode(), b"\n", stats.key.replace("\n", " ").encode(), b"\n", payload))
             self.store.store(self.store.entry_key(key), value, self._ttl_ms)
         stats.admitted += 1
         self.fills += 1
         self.fill_bytes += size
-        self.l1.put(key, L1Entry(tag, payload, template, tuple(tables)))
+        self.l1.put(key, L1Entry(tag, payload, stats, tuple(tables)))
 
     # ================================================================ invalidation
 
@@ -712,7 +804,7 @@ class ResultCache:
         return {
             "serving": self.serving, "hits": self.hits, "hits_l1": self.hits_l1, "misses": self.misses,
             "bypass": dict(self.bypass), "uncacheable": dict(self.uncacheable),
-            "fills": self.fills, "fill_bytes": self.fill_bytes, "fills_rejected": dict(self.fills_rejected),
+            "lookup_batches": self.batches, "fills": self.fills, "fill_bytes": self.fill_bytes, "fills_rejected": dict(self.fills_rejected),
             "l1_bytes": self.l1.bytes, "l1_entries": len(self.l1), "l1_evictions": self.l1.evictions,
             "stored_bytes_estimate": self._stored_bytes,
             "invalidations": self.invalidations, "invalidated_keys": self.invalidated_keys, "flushes": self.flushes,

@@ -11,12 +11,12 @@ _OVERHEAD = 200   # bytes counted per entry beyond its payload (key, tag, bookke
 
 
 class L1Entry:
-    __slots__ = ("tag", "payload", "template", "tables", "size")
+    __slots__ = ("tag", "payload", "stats", "tables", "size")
 
-    def __init__(self, tag: str, payload: bytes, template: str, tables: tuple[str, ...]):
+    def __init__(self, tag: str, payload: bytes, stats, tables: tuple[str, ...]):
         self.tag = tag
         self.payload = payload
-        self.template = template
+        self.stats = stats          # the template's TemplateStats (hits are counted there)
         self.tables = tables
         self.size = len(payload) + len(tag) + _OVERHEAD
 

@@ -29,20 +29,41 @@ from proxy.cache import resp
 
 log = logging.getLogger("pgpilot.cache")
 
-# KEYS: epoch, entry[, database hash]   ARGV: L1 candidate tag ('' if none), then 'epoch' and the table fields
+# One call answers every lookup of a batch.
+# KEYS: epoch, G database hashes, then one entry key per lookup.
+# ARGV: G; per hash: the number of fields, then the fields ('epoch' first); per lookup: its hash's index
+#       (0: it reads no table, the tag is the epoch alone) and its L1 candidate tag ('' if none).
+# Returns {epoch, tag of hash 1..G, then per lookup the stored entry if it is stored under the current tag and
+# the L1 candidate is not, else ''}; {''} when the epoch is missing, {'', h} when hash h has no epoch.
 LOOKUP_LUA = """
-local tag = redis.call('GET', KEYS[1])
-if not tag then return {'', 'g'} end
-if #KEYS == 3 then
-  local vals = redis.call('HMGET', KEYS[3], unpack(ARGV, 2))
-  if not vals[1] then return {'', 'd'} end
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then return {''} end
+local g = tonumber(ARGV[1])
+local out = {epoch}
+local a = 2
+for h = 1, g do
+  local n = tonumber(ARGV[a])
+  local vals = redis.call('HMGET', KEYS[1 + h], unpack(ARGV, a + 1, a + n))
+  if not vals[1] then return {'', h} end
   for i = 2, #vals do if not vals[i] then vals[i] = '0' end end
-  tag = tag .. ':' .. table.concat(vals, ':')
+  out[1 + h] = epoch .. ':' .. table.concat(vals, ':')
+  a = a + n + 1
 end
-if tag == ARGV[1] then return {tag} end
-local e = redis.call('GET', KEYS[2])
-if e and string.sub(e, 1, #tag + 1) == tag .. '\\n' then return {tag, e} end
-return {tag}
+local k = 2 + g
+local o = 2 + g
+while a <= #ARGV do
+  local tag = out[1 + tonumber(ARGV[a])]
+  local r = ''
+  if tag ~= ARGV[a + 1] then
+    local e = redis.call('GET', KEYS[k])
+    if e and string.sub(e, 1, #tag + 1) == tag .. '\\n' then r = e end
+  end
+  out[o] = r
+  a = a + 2
+  k = k + 1
+  o = o + 1
+end
+return out
 """
 
 
@@ -89,13 +110,19 @@ class LocalStore(SharedStore):
         self._hashes: dict[str, dict[str, str]] = {}
 
     async def lookup(self, hash_key: str | None, fields: tuple[str, ...], entry_key: str, l1_tag: str):
-        tag = self._epoch
-        if hash_key is not None:
-            h = self._hashes.get(hash_key)
-            if h is None:
-                h = self._hashes[hash_key] = {"epoch": new_epoch()}
-            tag = tag + ":" + ":".join([h.get(f, "0") for f in fields])
-        return tag, None, None
+        return (await self.lookup_many([(hash_key, fields, entry_key, l1_tag)]))[0]
+
+    async def lookup_many(self, items: list[tuple]) -> list[tuple]:
+        out = []
+        for hash_key, fields, _, _ in items:
+            tag = self._epoch
+            if hash_key is not None:
+                h = self._hashes.get(hash_key)
+                if h is None:
+                    h = self._hashes[hash_key] = {"epoch": new_epoch()}
+                tag = tag + ":" + ":".join([h.get(f, "0") for f in fields])
+            out.append((tag, None, None))
+        return out
 
     def store(self, entry_key: str, value: bytes, ttl_ms: int) -> None:
         pass
@@ -288,38 +315,61 @@ class RedisStore(SharedStore):
 
     async def lookup(self, hash_key: str | None, fields: tuple[str, ...], entry_key: str, l1_tag: str):
         """(tag, stored value or None, None) or (None, None, bypass reason); never raises."""
+        return (await self.lookup_many([(hash_key, fields, entry_key, l1_tag)]))[0]
+
+    async def lookup_many(self, items: list[tuple]) -> list[tuple]:
+        """Lookups (database hash key or None, its fields, entry key, L1 candidate tag) in one Redis call: per item
+        (tag, stored value or None, None) or (None, None, bypass reason); never raises."""
         if not self.serving:
-            return None, None, self.bypass_reason
+            return [(None, None, self.bypass_reason)] * len(items)
         conn = self._conn
-        keys = (self.epoch_key, entry_key, hash_key) if hash_key is not None else (self.epoch_key, entry_key)
-        command = ("EVALSHA", self._sha, len(keys), *keys, l1_tag, *fields)
+        groups: dict[tuple, int] = {}
+        hashes: list[str] = []
+        group_args: list = []
+        entry_keys: list[str] = []
+        lookup_args: list = []
+        for hash_key, fields, entry_key, l1_tag in items:
+            if hash_key is None:
+                g = 0
+            else:
+                g = groups.get((hash_key, fields))
+                if g is None:
+                    g = groups[(hash_key, fields)] = len(groups) + 1
+                    hashes.append(hash_key)
+                    group_args.append(len(fields))
+                    group_args.extend(fields)
+            entry_keys.append(entry_key)
+            lookup_args.append(g)
+            lookup_args.append(l1_tag)
+        command = ("EVALSHA", self._sha, 1 + len(hashes) + len(entry_keys), self.epoch_key, *hashes, *entry_keys,
+                   len(hashes), *group_args, *lookup_args)
         for attempt in (1, 2):
             try:
                 r = (await conn.send([command]))[0]
                 if type(r) is resp.RespError and str(r).startswith("NOSCRIPT"):
                     r = (await conn.send([("EVAL", LOOKUP_LUA, *command[2:])]))[0]
                 if type(r) is not resp.RespError and not r[0] and attempt == 1:
-                    # No epoch (a new database hash, or Redis lost it): create a fresh one, then read again.
+                    # No epoch (a new database hash, or Redis lost it): create fresh ones, then read again.
                     init = [("SET", self.epoch_key, new_epoch(), "NX")]
-                    if hash_key is not None:
-                        init.append(("HSETNX", hash_key, "epoch", new_epoch()))
+                    init.extend(("HSETNX", h, "epoch", new_epoch()) for h in hashes)
                     await conn.send(init)
                     continue
             except TimeoutError as e:
                 self._failure("lookup", e)
-                return None, None, "redis_timeout"
+                return [(None, None, "redis_timeout")] * len(items)
             except ConnectionError as e:
                 self._failure("lookup", e)
-                return None, None, "redis_down"
+                return [(None, None, "redis_down")] * len(items)
             break
         if type(r) is resp.RespError:
             self._failure("lookup", r)
-            return None, None, "redis_error"
+            return [(None, None, "redis_error")] * len(items)
         self._success()
-        tag = r[0].decode()
-        if not tag:
-            return None, None, "epoch_missing"
-        return tag, (r[1] if len(r) > 1 else None), None
+        if not r[0]:
+            return [(None, None, "epoch_missing")] * len(items)
+        tags = [t.decode() for t in r[:1 + len(hashes)]]
+        base = 1 + len(hashes)
+        return [(tags[lookup_args[2 * i]], r[base + i] or None, None) for i in range(len(items))]
 
     def store(self, entry_key: str, value: bytes, ttl_ms: int) -> None:
         """Queue a SET; queued sets go out together once the current callbacks have run."""
