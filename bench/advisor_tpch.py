@@ -1,7 +1,7 @@
 """Index advisor benchmark on TPC-H: pgpilot's advice against a Dexter-style baseline, estimated and measured.
 
     python -m bench.advisor_tpch [--scale 0.1] [--rounds 3] [--budgets 25,50,100] [--json out.json]
-                                 [--no-parameters] [--timeout 300]
+                                 [--no-parameters] [--timeout 300] [--min-gain-per-size X]
 
 A throwaway PostgreSQL 15 is loaded with TPC-H (tpchgen-cli) and the 22 templates run at fixed frequencies
 with varied parameters, logged to pgpilot.query_events as the proxy logs them. At each storage budget (a
@@ -11,7 +11,11 @@ while they fit, and the row says when that trimmed it). For each choice the tabl
 size, the estimated workload cost relative to no indexes (HypoPG, calls-weighted, on instances the advisors
 never saw), and the real runtime of the workload with the indexes built (one copy of the database per
 configuration): each round runs one of those unseen instances of every template under every configuration
-in turn, their order rotated, and weights its time by the template's frequency. With --no-parameters the
+in turn, their order rotated, and weights its time by the template's frequency. Each budget's pgpilot row
+is judged against the Dexter setting with the lowest estimated cost within that budget ("vs"); when a
+baseline row takes less space than pgpilot's, pgpilot is also run with that row's space as its budget
+("pgpilot<=dexter-50%"), so every comparison has pgpilot using no more storage. "worst" names the template
+whose estimated cost (unseen instances) and runtime rose most against no indexes. With --no-parameters the
 log holds no values: both advisors plan generic plans (as Dexter does on PostgreSQL 15). Parallel query and
 JIT are off so that runtimes compare plans, not the machine's mood.
 """
