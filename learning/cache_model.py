@@ -320,6 +320,17 @@ def reuse_rates(trace: Trace, n_templates: int) -> tuple[np.ndarray, float]:
     return (hits + PRIOR_READS * overall) / (reads + PRIOR_READS), overall
 
 
+def saving_per_byte(event_log: EventLog, mask: np.ndarray) -> float:
+    """DB time (us) an unbounded cache saves per byte it stores over the masked part, reuse rates as in
+    window_samples: what a byte of a full cache is worth, the cost of the space a new result takes."""
+    trace = build_trace(event_log, mask)
+    rate, _ = reuse_rates(trace, len(event_log.fingerprints))
+    r = trace.is_read
+    p = rate[trace.template[r]]
+    stored = float(((1.0 - p) * trace.bytes_out[r]).sum())
+    return float((p * trace.duration_us[r]).sum()) / max(stored, 1.0)
+
+
 def window_samples(event_log: EventLog, mask: np.ndarray, windows: int, byte_cost_us: float) -> Samples:
     """One sample per read template per time window; y = caching pays there, net_us = by how much (expected).
 

@@ -323,20 +323,31 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
     from learning.logdata import serving_context
     cfg = settings.learning
     costs = {"lookup_us": cfg.cache_lookup_us, "byte_cost_us": cfg.cache_byte_cost_us}
-    # Samples from 6 windows of the training part; the admission threshold is chosen on the last window with a
-    # model fit on the first five (their own samples, reuse rates from them alone), then refit on all six.
-    samples = cm.window_samples(event_log, train, 6, cfg.cache_byte_cost_us)
-    X, y, w = samples.X, samples.y, samples.weight
+    # Samples from 6 windows of the training part. What a stored byte costs is either the configured storage
+    # cost or, where the cache is small, the DB time an average stored byte saves (the space's opportunity
+    # cost); for each, a model fit on the first five windows (their own samples and reuse rates) and its best
+    # admission threshold are replayed on the last window; the cost and threshold that save the most are kept
+    # and the model is refit on all six.
     val_part = cm.window_masks(event_log, train, 6)[-1]
-    fit_part = cm.window_samples(event_log, train & ~val_part, 5, cfg.cache_byte_cost_us)
-    model = cm.fit_classifier(fit_part.X, fit_part.y, settings.seed, fit_part.weight)
-    if model is None:
-        model = cm.fit_classifier(X, y, settings.seed, w)
-        threshold, tried = 0.5, []
-    else:
-        threshold, tried = cm.choose_threshold(model, event_log, train & ~val_part, val_part,
-                                               CACHE_CAPACITY_SHARES[1])
-        model = cm.fit_classifier(X, y, settings.seed, w) or model
+    fit_mask = train & ~val_part
+    candidates = {"configured": (cfg.cache_byte_cost_us, cfg.cache_byte_cost_us),
+                  "opportunity": (cm.saving_per_byte(event_log, fit_mask), cm.saving_per_byte(event_log, train))}
+    chosen, threshold, tried, searched = "configured", 0.5, [], {}
+    best = None
+    for name, (fit_cost, _) in candidates.items():
+        fit_part = cm.window_samples(event_log, fit_mask, 5, fit_cost)
+        trial = cm.fit_classifier(fit_part.X, fit_part.y, settings.seed, fit_part.weight)
+        if trial is None:
+            continue
+        th, th_tried = cm.choose_threshold(trial, event_log, fit_mask, val_part, CACHE_CAPACITY_SHARES[1])
+        saved = max(r["saved_s"] for r in th_tried) if th_tried else 0.0
+        searched[name] = {"byte_cost_us": fit_cost, "threshold": th, "validation_saved_s": saved}
+        if best is None or round(saved, 6) > round(best, 6):
+            best, chosen, threshold, tried = saved, name, th, th_tried
+    label_byte_cost = candidates[chosen][1]
+    samples = cm.window_samples(event_log, train, 6, label_byte_cost)
+    X, y, w = samples.X, samples.y, samples.weight
+    model = cm.fit_classifier(X, y, settings.seed, w)
     if model is None:
         return {"skipped": f"labels of one class only ({len(y)} samples)", "headline": "skipped: one class"}
     stats = template_stats(event_log, train)
@@ -356,14 +367,15 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
                       "model_vs_oracle": evaluation.ratio(cap, "model"),
                       "always_vs_oracle": evaluation.ratio(cap, "always")})
     metrics = {"samples": int(len(y)), "positive_share": float(y.mean()), "threshold": threshold,
-               "threshold_search": tried, "admitted_templates": len(admitted), "read_templates": len(tids),
+               "threshold_search": tried, "byte_cost": chosen, "label_byte_cost_us": label_byte_cost,
+               "byte_cost_search": searched, "admitted_templates": len(admitted), "read_templates": len(tids),
                "test_reads": int(trace.is_read.sum()), "distinct_mb": total / 1e6, "simulation": table,
                "detail": evaluation.table, **costs}
     ref = capacities[1]
     score = evaluation.by_capacity[ref]["model"]["db_time_saved_s"]
     onnx_bytes = export_onnx(model, cm.KIND, algorithm="gradient-boosting-classifier",
                              metrics={"simulation": table, "samples": int(len(y))}, training_window=window,
-                             extra={"admit_at": threshold, **costs})
+                             extra={"admit_at": threshold, "label_byte_cost_us": label_byte_cost, **costs})
     if len(X_t):
         metrics["onnx"] = onnx_agreement(onnx_bytes, proba, X_t)
 
