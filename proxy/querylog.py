@@ -58,7 +58,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from proxy import logstore
-from proxy.analysis import Analyzer, StatementInfo, extract_literals
+from proxy.analysis import Analyzer, StatementInfo, extract_literals, literal_key
 
 log = logging.getLogger("pgpilot.querylog")
 
@@ -194,6 +194,7 @@ class StatementFeed:
         self.scorer = None            # proxy.scoring.AnomalyScorer, or None
         self.query_log: "QueryLog | None" = None
         self._by_text: dict = {}      # exact text (bytes or str) -> StatementInfo
+        self._by_shape: dict = {}     # text with every ASCII digit made 0 -> StatementInfo, where that is sound
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ticks = 0
@@ -241,24 +242,50 @@ class StatementFeed:
             ql._take(batch, infos, scores, counted)
 
     def analyse(self, records: list[tuple]) -> list:
-        by_text = self._by_text
-        analyze = self.analyzer.analyze
+        """The whole text's StatementInfo per record (None where the text cannot be analysed).
+
+        Simple-protocol texts repeat with other numbers in them (pgbench -S sends a new text per query). A text
+        whose digits all belong to literals (its literal-stripped key has none left) is also remembered by its
+        shape, the text with every ASCII digit made 0: another text of that shape differs from it only in the
+        digits of those same literals, so it has the same analysis, found without the literal-stripping
+        regex. Texts with digits elsewhere (t1, $1, varchar(10) in DDL) are remembered by their exact text only.
+        """
+        by_text, by_shape = self._by_text, self._by_shape
         infos = []
         append = infos.append
         for rec in records:
             sql = rec[R_SQL]
             info = by_text.get(sql)
             if info is None:
-                try:
-                    info = analyze(sql if type(sql) is str else sql.decode("utf-8", "replace"))
-                except Exception:
-                    append(None)
-                    continue
-                if len(by_text) >= 20_000:
-                    by_text.clear()
-                by_text[sql] = info
+                shape = sql.translate(_ZERO_BYTES if type(sql) is bytes else _ZERO_STR)
+                info = by_shape.get(shape)
+                if info is None:
+                    try:
+                        info = self._analyse_new(sql, shape)
+                    except Exception:
+                        append(None)
+                        continue
             append(info)
         return infos
+
+    def _analyse_new(self, sql, shape) -> StatementInfo:
+        text = sql if type(sql) is str else sql.decode("utf-8", "replace")
+        info = self.analyzer.analyze(text)
+        key, clean = literal_key(text)
+        if clean and info.shareable and key != text and _DIGIT.search(key) is None:
+            if len(self._by_shape) >= 20_000:
+                self._by_shape.clear()
+            self._by_shape[shape] = info
+        else:
+            if len(self._by_text) >= 20_000:
+                self._by_text.clear()
+            self._by_text[sql] = info
+        return info
+
+
+_ZERO_BYTES = bytes.maketrans(b"123456789", b"000000000")
+_ZERO_STR = str.maketrans("123456789", "000000000")
+_DIGIT = re.compile(r"\d")
 
 
 COLUMNS = ("ts", "duration_us", "wait_us", "fingerprint", "kind", "tables_read", "tables_written", "rows",

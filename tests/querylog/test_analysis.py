@@ -290,3 +290,27 @@ def test_the_trailing_comment_shortcut_gives_the_full_lexers_key(template, value
     except _Unsafe:
         expected = (sql, False)
     assert literal_key(sql) == expected
+
+
+FEED_TEXTS = [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 12345", "SELECT abalance FROM pgbench_accounts WHERE aid = 98765",
+    "SELECT * FROM t1 WHERE a = 5", "SELECT * FROM t2 WHERE a = 5", "SELECT * FROM t WHERE a1 = 5",
+    "SELECT * FROM t WHERE a2 = 5", "SELECT x FROM t WHERE y = $1", "SELECT x FROM t WHERE y = $2",
+    "SELECT 'a1' FROM t", "SELECT 'a2' FROM t", "SELECT 1.5, .5, 1e3 FROM t", "SELECT 2.5, .7, 9e3 FROM t",
+    "SELECT 0x1F FROM t", "SELECT 0x2F FROM t", "CREATE TABLE v1 (x varchar(10))", "CREATE TABLE v1 (x varchar(20))",
+    "SELECT 1; SELECT 2", "SELECT 3; SELECT 4", "SELECT * FROM t WHERE a = 5 -- note 1", "SELECT col1 FROM t",
+    "SELECT col2 FROM t", "SELECT 1 FROM t LIMIT 10", "SELECT 2 FROM t LIMIT 20",
+]
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_the_statement_feed_finds_each_text_its_own_analysis(as_bytes):
+    from proxy.querylog import StatementFeed
+    feed = StatementFeed(Analyzer(), 0.02)
+    texts = [t.encode() if as_bytes else t for t in FEED_TEXTS]
+    for _ in range(2):   # the second time from its caches
+        infos = feed.analyse([(0.0, 0, 0, t) for t in texts])
+        for text, info in zip(FEED_TEXTS, infos):
+            want = analyze_uncached(text)
+            assert (info.fingerprint, info.normalized, info.tables_read) == (
+                want.fingerprint, want.normalized, want.tables_read), text
