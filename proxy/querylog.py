@@ -25,7 +25,8 @@ Contract with the session
 The writer
 ----------
 A background task takes the queue in batches (`batch_size`, or whatever is there every `flush_interval`),
-turns them into rows (compact: references to the analysis and the session, expanded only for the spool), feeds the in-memory `QueryStats` (for SHOW QUERIES), and hands the rows to a second task that
+turns them into rows (compact: references to the analysis and the session, expanded only for the spool),
+feeds the in-memory `QueryStats` (for SHOW QUERIES), and hands the rows to a second task that
 owns one asyncpg connection to the store: it upserts new templates and COPYs the rows into
 pgpilot.query_events in one transaction, keeps tomorrow's partition created and drops partitions older than
 `retention_days`. When the store is slow or away, batches spill to a bounded spool on local disk and are
@@ -181,10 +182,11 @@ def statement_of(info: StatementInfo, idx: int | None) -> StatementInfo:
 class StatementFeed:
     """Finished statements on their way to the scorer and the query log.
 
-    Sessions append records to `records` (a list: one C-level append each). Every `interval` seconds (20 ms at
-    most, so that analysing a batch never holds the event loop for long) `tick` takes them, analyses each text once (by the exact bytes first: prepared and extended statements repeat
-    the same text object), lets the scorer score them, then hands them to the query log. Records whose text
-    cannot be analysed (never from a session) get None as their analysis and are dropped by both.
+    Sessions append records to `records` (a list: one C-level append each). Every `interval` seconds (20 ms at most,
+    so that analysing a batch never holds the event loop for long) `tick` takes them, analyses each text once (by
+    the exact bytes first: prepared and extended statements repeat the same text object), lets the scorer score
+    them, then hands them to the query log. Records whose text cannot be analysed (never from a session) get None as
+    their analysis and are dropped by both.
     """
 
     def __init__(self, analyzer: Analyzer, interval: float):
@@ -973,7 +975,8 @@ class QueryLog:
             return [None if p is None else _clean_text(p) for p in params]
         if rec[R_STMT] != -1 and info.literal_count:
             sql = rec[R_SQL]
-            return [_clean_text(v) for v in extract_literals(sql if type(sql) is str else sql.decode("utf-8", "replace"))]
+            text = sql if type(sql) is str else sql.decode("utf-8", "replace")
+            return [_clean_text(v) for v in extract_literals(text)]
         return None
 
     @staticmethod
