@@ -91,7 +91,7 @@ class HeuristicAdmission:
     """
 
     def __init__(self, warmup: int = 8, min_saved_us: float = 50.0, explore_every: int = 16,
-                 size_scale: int = 65536, lookup_us: float = 20.0):
+                 size_scale: int = 65536, lookup_us: float = 100.0):
         self.warmup = warmup
         self.min_saved_us = min_saved_us
         self.explore_every = explore_every

@@ -178,6 +178,36 @@ def test_admission_declines_entries_never_reused_except_to_explore():
     assert decisions.count(True) == 2
 
 
+def _looked_up(stats, lookups, hits, floor_us):
+    for i in range(lookups):
+        stats.looked_up(i < hits)
+    stats.exec_us_floor = floor_us
+    return stats
+
+
+def test_admission_declines_templates_whose_lookups_rarely_hit():
+    policy = HeuristicAdmission(warmup=8, min_saved_us=0, explore_every=1000, lookup_us=100)
+    # a cheap query whose lookups mostly miss: 0.15 x 300 us saved < 0.85 x 100 us spent
+    assert not policy.admit(_looked_up(_stats(99, 20, 15, 300), 100, 15, 300))
+    # the same hit ratio on a query that costs 50 ms: worth it
+    assert policy.admit(_looked_up(_stats(99, 20, 15, 50_000), 100, 15, 50_000))
+    # a cheap query that mostly hits
+    assert policy.admit(_looked_up(_stats(99, 20, 90, 300), 100, 90, 300))
+    # too few lookups to judge yet, or the rule turned off
+    assert policy.admit(_looked_up(_stats(99, 20, 15, 300), 20, 3, 300))
+    assert HeuristicAdmission(warmup=8, min_saved_us=0, lookup_us=0).admit(
+        _looked_up(_stats(99, 20, 15, 300), 100, 15, 300))
+
+
+def test_the_service_time_follows_the_fastest_executions():
+    s = TemplateStats("t")
+    for us in (900, 300, 5000, 5000, 5000):
+        s.executed(us)
+    assert 300 < s.exec_us_floor < 1000
+    s.executed(120)
+    assert s.exec_us_floor == 120 and s.offered == 6
+
+
 def test_admission_asks_large_results_to_save_more():
     policy = HeuristicAdmission(warmup=0, min_saved_us=200, explore_every=1000, size_scale=65536)
     assert policy.admit(_stats(10, 10, 10, 300, nbytes=1000))

@@ -20,7 +20,7 @@ def cache_section(redis_url: str | None, **overrides) -> dict:
     machine is shared), fast catalog checks, and every result admitted (the admission heuristic is tested
     elsewhere; here a declined template would hide what the cache serves)."""
     section = dict(enabled=True, redis_url=redis_url, key_prefix=f"e2e{uuid.uuid4().hex[:8]}:", redis_timeout=0.5,
-                   catalog_check_interval=0.2, admission_min_saved_us=0)
+                   catalog_check_interval=0.2, admission_min_saved_us=0, admission_lookup_us=0)
     section.update(overrides)
     return section
 
