@@ -18,6 +18,7 @@ def show_cache(cache):
         ("hits", s["hits"], "answers from the cache"),
         ("hits_l1", s["hits_l1"], "of which from the in-process tier"),
         ("misses", s["misses"], "cacheable reads sent to Postgres"),
+        ("lookup_batches", s["lookup_batches"], "Redis calls that answered lookups (several share one)"),
         ("fills", s["fills"], "entries stored"),
         ("fill_bytes", s["fill_bytes"], "bytes stored"),
         ("l1_entries", s["l1_entries"], "entries in the in-process tier"),
