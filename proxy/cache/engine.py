@@ -3,7 +3,8 @@
 Hot-path calls (classify, writes, key) answer from dictionaries keyed by the exact statement text and the
 context's scope; the first sight of a text costs a parse, and the catalog half of the safety analysis runs in
 the background (a text not analysed yet is "pending": not cached this time). lookup and invalidate make one
-round trip to the shared tier; fill returns at once and stores in the background.
+round trip to the shared tier (the lookups queued in one event-loop iteration share one); fill returns at once
+and stores in the background.
 
 State that makes answers unsafe is never waited out, it is bypassed: a database is served only while its
 change feed is live and its catalog snapshot loaded; nothing is served while the shared tier is down,

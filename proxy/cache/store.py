@@ -8,7 +8,7 @@ Layout under the key prefix P:
 - P e:<key hex>      an entry: "<tag>\\n<template>\\n<payload>", with a TTL as a backstop
 - P inv              the pub/sub channel of invalidations (other instances drop their L1 entries)
 The tag of an entry is the epoch, the database epoch and the generations read before the query ran. A lookup
-reads them and the entry in one Lua call and only returns an entry stored under exactly those values, so an
+reads them and the entry in one Lua call (shared by a batch of lookups) and only returns an entry stored under exactly those values, so an
 entry filled while a write was in flight is born unreachable. A missing epoch (Redis restarted, evicted the
 hash) is replaced by a new random one: nothing stored before can match it again.
 
