@@ -168,6 +168,7 @@ class PgbenchRun:
     pgbench_cpu_us_per_tx: float | None = None  # the client's own CPU time
     postgres_cpu_us_per_tx: float | None = None  # every process of the cluster (backends, walsenders...)
     machine_cpu_us_per_tx: float | None = None  # every process on the machine (both cores), for the bound
+    cache_counters: dict | None = None          # SHOW CACHE counters that moved during the run
     error: str | None = None
 
 
@@ -447,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
                         after = cache_stats(cached)
                         run.hit_ratio = hit_ratio(before, after)
                         run.invalidation_failures, run.bypassed = trouble(before, after)
+                        run.cache_counters = {k: after[k] - before.get(k, 0) for k in after
+                                              if after[k] != before.get(k, 0)}
+                        log("    " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(run.cache_counters.items())))
                     runs.append(run)
                     log(f"[(a) round {n}/{args.rounds}] {scenario:<10} {target:<13} {fmt(run.tps)} tps"
                         + (f", proxy {run.proxy_cpu_us_per_tx:.0f} us CPU/tx" if run.proxy_cpu_us_per_tx else "")
