@@ -826,7 +826,7 @@ class ServingContext:
 ANOMALY_CLASSES = ("slow_outlier", "unusual_rows", "new_template", "error_burst", "injection")
 _A = {name: i for i, name in enumerate(FEATURE_NAMES["anomaly"])}
 SLOW_MIN_EXCESS_MS = 2.0        # a slow outlier takes at least this much longer than expected of it,
-SLOW_OVER_EXPECTED_LOG10 = 0.7  # ... at least 10^0.7 = 5x that (the learner raises this on a noisy server),
+SLOW_OVER_EXPECTED_LOG10 = 1.0  # ... at least 10x that (the learner raises this on a noisy server),
 SLOW_MIN_Z = 4.0                # ... and is this far beyond its template's fit (robust z of the residual)
 VOLUME_MIN_ROWS = 1000.0        # an unusual result has at least this many rows or bytes
 VOLUME_MIN_BYTES = 100_000.0
