@@ -30,7 +30,10 @@ CREATE TABLE IF NOT EXISTS pgpilot.query_events (
     parameters       text[]                  -- literal values / bound parameters; only with query_log.parameters on
 ) PARTITION BY RANGE (ts);
 
-CREATE INDEX IF NOT EXISTS query_events_fingerprint_ts ON pgpilot.query_events (fingerprint, ts);
+-- Readers scan time windows (and group by fingerprint), so a BRIN on ts is all they need; a btree per row
+-- cost the store about a third of its COPY time per event.
+DROP INDEX IF EXISTS pgpilot.query_events_fingerprint_ts;
+CREATE INDEX IF NOT EXISTS query_events_ts_brin ON pgpilot.query_events USING brin (ts);
 
 -- One row per template (fingerprint).
 CREATE TABLE IF NOT EXISTS pgpilot.templates (
