@@ -24,7 +24,7 @@ class TemplateStats:
         self.hits = 0           # answers served from the cache
         self.exec_us_sum = 0    # Postgres execution time of the offered fills
         self.bytes_sum = 0      # result bytes of the offered fills
-        self.declined = 0       # offers declined in a row (the cache stops looking such templates up)
+        self.declined = 0       # offers declined, decaying on admissions (high: the cache stops looking it up)
         self.skipped = 0        # executions not looked up since
         self.exec_us_floor = 0.0   # tracks the fastest recent executions: the service time a hit saves
         self.recent_lookups = 0    # lookups that reached the shared tier (hit or miss), halved every 1024

@@ -462,7 +462,7 @@ class ResultCache:
         reason instead (counted; `done` is not called) when no lookup can be made now.
 
         With the statement's `verdict`, admission is decided before the lookup: a template whose results were
-        declined `admission_warmup` times in a row is not looked up (nor offered) but 1 in
+        declined `admission_warmup` times (each admission forgets an eighth of the count) is not looked up (nor offered) but 1 in
         `admission_explore_every` executions, whose results are stored (exploring: they keep its statistics
         current)."""
         reason = self._lookup_refusal(key, tables)
@@ -605,9 +605,11 @@ class ResultCache:
             self.fills_rejected["in_flight"] += 1    # the same result is stored already (or on its way)
             return
         if self.admission.admit(stats):
-            stats.declined = 0
+            # One admission (an exploring one, often) must not reopen the lookups of a template declined many
+            # times: the streak decays by an eighth per admission instead (from its cap, 14 in a row reopen them).
+            stats.declined = stats.declined * 7 // 8
         else:
-            stats.declined += 1
+            stats.declined = min(stats.declined + 1, 8 * self._skip_after)
             if not explore:
                 self.fills_rejected["not_admitted"] += 1
                 return
