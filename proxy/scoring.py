@@ -593,10 +593,13 @@ def describe(cls: str, x: np.ndarray, part: StatementRow, ev, context=None) -> s
     """Why a statement was flagged, from its feature row and its template's history."""
     t = part.template
     if cls == "slow_outlier" and t is not None:
-        p50 = float(t.p50_us or 0.0)
-        factor = ev.duration_us / p50 if p50 > 0 else float("inf")
-        return (f"took {_ms(ev.duration_us)}, {factor:.0f}x its template's median {_ms(p50)} "
-                f"(p95 {_ms(float(t.p95_us or 0.0))})")
+        # The rule judges a statement against its template's fit for its rows, bytes and parameters.
+        expected = float(np.expm1(x[COL["ev_expected_log"]])) if x[COL["ev_expected_log"]] > 0 else 0.0
+        if expected <= 0:
+            expected = float(t.p50_us or 0.0)
+        factor = ev.duration_us / expected if expected > 0 else float("inf")
+        return (f"took {_ms(ev.duration_us)}, {factor:.0f}x the {_ms(expected)} its template is expected to take "
+                f"for its rows and parameters (template median {_ms(float(t.p50_us or 0.0))})")
     if cls == "unusual_rows" and t is not None:
         return (f"returned {ev.rows or 0:,} rows / {ev.bytes_out or 0:,} bytes where its template's median is "
                 f"{float(t.rows_p50 or 0):,.0f} rows / {float(t.bytes_p50 or 0):,.0f} bytes" + _sender(x, ev))

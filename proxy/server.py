@@ -48,7 +48,7 @@ class ProxyServer:
         self.admin: AdminConsole | None = self.console if config.admin.database else None
         self.cache = None          # the result cache (proxy.cache.ResultCache) when cache.enabled
         self.guard = None          # inline statement guard (anomaly enforce mode): .check(raw Query/Parse) -> reason|None
-        self.scorer = None         # anomaly scorer fed every finished statement: .submit(QueryEvent)
+        self.scorer = None         # anomaly scorer: scores the statement feed's batches (proxy.querylog)
         self.models = None         # proxy.served_models.ServedModels: scorer, guard, learned admission, predictions
         self.proxy_id = f"{socket.gethostname()}:{os.getpid()}"
         self._client_ids = 0
