@@ -400,19 +400,23 @@ class CopyTextEncoder:
         self._seconds: dict[int, str] = {}
         self._tails: dict[tuple, str] = {}
 
+    def _timestamp(self, ts: float) -> str:
+        """COPY text of a UTC timestamp; the formatted second is reused by every row within it."""
+        whole = int(ts)
+        prefix = self._seconds.get(whole)
+        if prefix is None:
+            if len(self._seconds) > 4096:
+                self._seconds.clear()
+            prefix = self._seconds[whole] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
+        return f"{prefix}.{int((ts - whole) * 1e6):06d}+00"
+
     def encode(self, rows: list[tuple]) -> bytes:
-        text, array, second = self._text_field, self._array_field, self._seconds
+        text, array, timestamp = self._text_field, self._array_field, self._timestamp
         lines = []
         for (ts, duration, wait, fp, kind, read, written, nrows, nbytes, sqlstate, database, username, app, addr,
              pid, xact, in_xact, protocol, cache_outcome, rewrite, score, proxy_id, params) in rows:
-            whole = int(ts)
-            prefix = second.get(whole)
-            if prefix is None:
-                if len(second) > 4096:
-                    second.clear()
-                prefix = second[whole] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
             lines.append("\t".join((
-                f"{prefix}.{int((ts - whole) * 1e6):06d}+00", str(duration), str(wait), text(fp), text(kind),
+                timestamp(ts), str(duration), str(wait), text(fp), text(kind),
                 array(read), array(written), "\\N" if nrows is None else str(nrows), str(nbytes),
                 "\\N" if sqlstate is None else text(sqlstate), text(database), text(username), text(app),
                 "\\N" if addr is None else text(addr), "\\N" if pid is None else str(pid),
@@ -424,7 +428,7 @@ class CopyTextEncoder:
 
     def encode_compact(self, rows: list[tuple], proxy_id: str) -> bytes:
         """The same text for compact rows: per statement and per session the fields come pre-encoded."""
-        second = self._seconds
+        timestamp = self._timestamp
         tails = self._tails
         N = "\\N"
         origin = _copy_text(proxy_id)
@@ -432,12 +436,6 @@ class CopyTextEncoder:
         append = lines.append
         for (ts, duration, wait, s, nrows, nbytes, sqlstate, who, pid, xact, in_xact, protocol, cache_outcome,
              rewrite, score, params) in rows:
-            whole = int(ts)
-            prefix = second.get(whole)
-            if prefix is None:
-                if len(second) > 4096:
-                    second.clear()
-                prefix = second[whole] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
             stmt = s.copy_text
             if stmt is None:
                 stmt = s.copy_text = "\t".join((_copy_text(s.fingerprint), _copy_text(s.kind),
@@ -448,7 +446,7 @@ class CopyTextEncoder:
                     tails.clear()
                 tail = tails[protocol, cache_outcome, rewrite] = "\t".join(
                     _copy_text(v) for v in (protocol, cache_outcome, rewrite))
-            append(f"{prefix}.{int((ts - whole) * 1e6):06d}+00\t{duration}\t{wait}\t{stmt}\t"
+            append(f"{timestamp(ts)}\t{duration}\t{wait}\t{stmt}\t"
                    f"{N if nrows is None else nrows}\t{nbytes}\t{sqlstate or N}\t{who.copy_text}\t"
                    f"{N if pid is None else pid}\t{N if xact is None else xact}\t"
                    f"{N if in_xact is None else ('t' if in_xact else 'f')}\t{tail}\t"
