@@ -192,7 +192,6 @@ class ClientSession(asyncio.Protocol):
         self.traffic = None                      # TrafficStats of (database, user), set at startup
         self.cache = server.cache                # ResultCache, or None when caching is off
         self.guard = server.guard                # rejects statements inline (anomaly enforce mode), or None
-        self.scorer = server.scorer              # scores finished statements off the client's path, or None
         # Finished statements go to the query log and the scorer as one record each (querylog.RECORD).
         feed = server.query_log.feed if server.query_log is not None else getattr(server.scorer, "feed", None)
         self._record = feed.records.append if feed is not None else None
