@@ -78,18 +78,6 @@ def unseen_workload(workload: Workload, held_out: list[dict[int, str]]) -> Workl
                     workload.write_rows, workload.updated_columns)
 
 
-def clone(cluster, template: str, name: str) -> None:
-    """CREATE DATABASE name TEMPLATE template, retried while autovacuum briefly holds the template open."""
-    for attempt in range(60):
-        try:
-            cluster.psql(f"CREATE DATABASE {name} TEMPLATE {template}")
-            return
-        except RuntimeError as e:
-            if "being accessed by other users" not in str(e) or attempt == 59:
-                raise
-            time.sleep(1)
-
-
 def drop_secondary_indexes(conn) -> None:
     for (name,) in conn.execute(
             """SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
@@ -242,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         # One copy of the database per configuration, so configurations interleave query by query.
         dsns, real_bytes = {}, {}
         for i, key in enumerate(keys):
-            clone(cluster, "tpch", f"tpch_cfg{i}")
+            cluster.clone_database("tpch", f"tpch_cfg{i}")
             dsns[key] = cluster.dsn_for(f"tpch_cfg{i}")
             with psycopg.connect(dsns[key], autocommit=True) as c:
                 seconds, real_bytes[key] = build(c, configs[key])

@@ -123,6 +123,17 @@ class PgCluster:
             raise RuntimeError(f"psql failed: {out.stderr.strip()}")
         return out.stdout
 
+    def clone_database(self, template: str, name: str, attempts: int = 60) -> None:
+        """CREATE DATABASE name TEMPLATE template, retried while autovacuum briefly holds the template open."""
+        for attempt in range(attempts):
+            try:
+                self.psql(f"CREATE DATABASE {name} TEMPLATE {template}")
+                return
+            except RuntimeError as e:
+                if "being accessed by other users" not in str(e) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.5)
+
     @property
     def logfile(self) -> Path | None:
         return Path(self._tmp) / "log" if self._tmp else None

@@ -8,7 +8,6 @@ what one test applies never leaks into another.
 from __future__ import annotations
 
 import random
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -30,18 +29,6 @@ class LoggedDatabase:
     dbname: str
     logged_as: str                       # the database name the query log knows it by
     instances: dict[int, list[str]]      # TPC-H: template number -> 10 instances (1-5 logged, 6-10 unseen)
-
-
-def clone_database(pg, template: str, name: str) -> None:
-    """CREATE DATABASE name TEMPLATE template, retried while autovacuum briefly holds the template open."""
-    for attempt in range(20):
-        try:
-            pg.psql(f"CREATE DATABASE {name} TEMPLATE {template}")
-            return
-        except RuntimeError as e:
-            if "being accessed by other users" not in str(e) or attempt == 19:
-                raise
-            time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +63,7 @@ def tpch_advice(tpch_base):
 def tpch_db(pg, tpch_base):
     """A private copy of the logged TPC-H database."""
     name = "adv_tpch_" + uuid.uuid4().hex[:8]
-    clone_database(pg, tpch_base.dbname, name)
+    pg.clone_database(tpch_base.dbname, name)
     yield LoggedDatabase(pg.dsn_for(name), name, tpch_base.logged_as, tpch_base.instances)
     pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", check=False)
 
@@ -99,7 +86,7 @@ def events_base(pg):
 @pytest.fixture
 def events_db(pg, events_base):
     name = "adv_events_" + uuid.uuid4().hex[:8]
-    clone_database(pg, events_base.dbname, name)
+    pg.clone_database(events_base.dbname, name)
     yield LoggedDatabase(pg.dsn_for(name), name, events_base.logged_as, {})
     pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", check=False)
 
