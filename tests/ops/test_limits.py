@@ -50,7 +50,9 @@ def test_a_two_gigabyte_message_length_is_refused_without_allocating(proxy, pg):
         told = raw.read_until_closed()
 
     assert refusal(told) == ("FATAL", "08P01")
-    assert rss(proxy) - before < 4 * 1024 * 1024
+    # Buffering the declared length would add 2 GiB; the proxy's background tasks (log feed, writer)
+    # move RSS by a few MiB on their own, so the bar sits far above that noise and far below 2 GiB.
+    assert rss(proxy) - before < 64 * 1024 * 1024
     with connect(proxy, pg.dbname) as other:
         assert other.execute("SELECT 1").fetchone()[0] == 1
 
@@ -71,7 +73,9 @@ def test_a_two_gigabyte_startup_packet_length_is_refused(proxy):
         told = raw.read_until_closed()
 
     assert refusal(told) == ("FATAL", "08P01")
-    assert rss(proxy) - before < 4 * 1024 * 1024
+    # Buffering the declared length would add 2 GiB; the proxy's background tasks (log feed, writer)
+    # move RSS by a few MiB on their own, so the bar sits far above that noise and far below 2 GiB.
+    assert rss(proxy) - before < 64 * 1024 * 1024
 
 
 def test_a_two_gigabyte_message_to_the_admin_console_is_refused(proxy):
