@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.support.services import free_port, wait_for_port
+from tests.support.services import free_port, stop_process, wait_for_port
 
 PGBOUNCER = "/usr/sbin/pgbouncer"
 
@@ -84,12 +84,7 @@ class PgBouncer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
 
     def destroy(self) -> None:

@@ -29,13 +29,23 @@ def redis_server():
     server.destroy()
 
 
-@pytest.fixture
-def fresh_db(pg):
-    """A new empty database on the session's cluster, dropped afterwards."""
+def _throwaway_db(pg):
     name = "t_" + uuid.uuid4().hex[:10]
     pg.psql(f"CREATE DATABASE {name}")
     yield name
     pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", check=False)
+
+
+@pytest.fixture
+def fresh_db(pg):
+    """A new empty database on the session's cluster, dropped afterwards."""
+    yield from _throwaway_db(pg)
+
+
+@pytest.fixture(scope="module")
+def module_db(pg):
+    """An empty database shared by one test module, dropped afterwards."""
+    yield from _throwaway_db(pg)
 
 
 @pytest.fixture

@@ -102,15 +102,6 @@ def wait_serving(proxy: ProxyProcess, timeout: float = 20.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def module_db(pg):
-    """An empty database shared by one test module, dropped afterwards."""
-    name = "t_" + uuid.uuid4().hex[:10]
-    pg.psql(f"CREATE DATABASE {name}")
-    yield name
-    pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", check=False)
-
-
-@pytest.fixture(scope="module")
 def module_proxy(pg, redis_server, module_db):
     """One caching proxy in front of `module_db` for a whole module (starting one costs about a second)."""
     proxy = ProxyProcess(proxy_config(pg, module_db, redis_server.url)).start()

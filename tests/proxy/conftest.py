@@ -5,20 +5,9 @@ and one database, and each test creates (and drops) the tables it uses.
 """
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from tests.support.proxy import ProxyProcess, upstream_entry
-
-
-@pytest.fixture(scope="module")
-def module_db(pg):
-    """An empty database for one test module, dropped afterwards."""
-    name = "t_" + uuid.uuid4().hex[:10]
-    pg.psql(f"CREATE DATABASE {name}")
-    yield name
-    pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", check=False)
 
 
 @pytest.fixture(scope="module")
