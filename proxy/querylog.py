@@ -45,7 +45,6 @@ import asyncio
 import datetime as dt
 import fcntl
 import heapq
-import io
 import ipaddress
 import json
 import logging
@@ -1202,8 +1201,9 @@ class QueryLog:
                     chunk = rows[start:start + _COPY_ROWS]
                     data = (self._encoder.encode_compact(chunk, self.proxy_id) if batch.compact
                             else self._encoder.encode(chunk))
+                    # A memoryview: asyncpg reads a file object in an executor thread and takes bytes for a path.
                     await conn.copy_to_table("query_events", schema_name="pgpilot", columns=COLUMNS,
-                                             source=io.BytesIO(data), format="text")
+                                             source=memoryview(data), format="text")
         self._known.update(fp for fp, _ in new)
         if len(self._known) > 200_000:
             self._known = {fp for fp, _ in new}
