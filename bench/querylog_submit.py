@@ -181,7 +181,7 @@ def bench_writer(n: int, rounds: int) -> list[dict]:
         for r in range(rounds):
             results["QueryLog (analysis + stats + COPY)"].append(asyncio.run(_writer_round(dsn, events, spool)))
             results["bare asyncpg COPY (reference)"].append(asyncio.run(_copy_round(dsn, events)))
-            cluster.psql("TRUNCATE pgpilot.query_events", dbname="logstore")
+            cluster.psql("TRUNCATE pgpilot.query_event_groups, pgpilot.query_event_rows", dbname="logstore")
             log(f"writer round {r + 1}/{rounds}: "
                 f"{results['QueryLog (analysis + stats + COPY)'][-1][0]:.1f} us CPU per event")
         return [{"what": k, "cpu_us_per_event": statistics.median(c for c, _ in v),

@@ -6,15 +6,21 @@ from importlib import resources
 
 SCHEMA_SQL = resources.files("proxy").joinpath("logstore_schema.sql").read_text()
 
+# The partitioned tables behind the pgpilot.query_events view; the proxy's writer COPYs into the first.
+PARTITIONED = ("query_event_groups", "query_event_rows")
 
-def partition_name(day: dt.date) -> str:
-    return f"query_events_{day:%Y%m%d}"
+
+def partition_name(day: dt.date, table: str = "query_event_groups") -> str:
+    return f"{table}_{day:%Y%m%d}"
 
 
 def partition_ddl(day: dt.date) -> str:
+    """One day's partitions of every table behind query_events (one string, several statements)."""
     nxt = day + dt.timedelta(days=1)
-    return (f"CREATE TABLE IF NOT EXISTS pgpilot.{partition_name(day)} PARTITION OF pgpilot.query_events "
-            f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') TO ('{nxt.isoformat()} 00:00:00+00')")
+    return ";\n".join(
+        f"CREATE TABLE IF NOT EXISTS pgpilot.{partition_name(day, table)} PARTITION OF pgpilot.{table} "
+        f"FOR VALUES FROM ('{day.isoformat()} 00:00:00+00') TO ('{nxt.isoformat()} 00:00:00+00')"
+        for table in PARTITIONED)
 
 
 async def ensure_schema(conn, days: range = range(-1, 3)) -> None:

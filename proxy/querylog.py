@@ -27,9 +27,11 @@ The writer
 A background task takes the queue in batches (`batch_size`, or whatever is there every `flush_interval`),
 turns them into rows (compact: references to the analysis and the session, expanded only for the spool),
 feeds the in-memory `QueryStats` (for SHOW QUERIES), and hands the rows to a second task that
-owns one asyncpg connection to the store: it upserts new templates and COPYs the rows into
-pgpilot.query_events in one transaction, keeps tomorrow's partition created and drops partitions older than
-`retention_days`. When the store is slow or away, batches spill to a bounded spool on local disk and are
+owns one asyncpg connection to the store: it upserts new templates and COPYs the rows in one transaction,
+grouped (one pgpilot.query_event_groups row per template, session, protocol, cache outcome and rewrite, the
+per-statement values in arrays; readers see one row per statement in the pgpilot.query_events view), keeps
+tomorrow's partitions created and drops partitions older than `retention_days`. Spool replays go to
+pgpilot.query_event_rows, one row per statement. When the store is slow or away, batches spill to a bounded spool on local disk and are
 replayed (at least once) after reconnecting with backoff. When the queue or the spool is full, events are
 dropped, counted exactly in `dropped`, and reported by a rate-limited log line.
 
@@ -294,6 +296,11 @@ COLUMNS = ("ts", "duration_us", "wait_us", "fingerprint", "kind", "tables_read",
            "xact_id", "in_transaction", "protocol", "cache_outcome", "rewrite", "anomaly_score", "proxy_id",
            "parameters")
 _FP = COLUMNS.index("fingerprint")
+# pgpilot.query_event_groups, as the writer COPYs it: the group's shared fields, then one array per statement field.
+GROUP_COLUMNS = ("ts", "fingerprint", "kind", "tables_read", "tables_written", "database", "username",
+                 "application_name", "client_addr", "protocol", "cache_outcome", "rewrite", "proxy_id", "offsets_us",
+                 "duration_us", "wait_us", "rows", "bytes_out", "sqlstate", "backend_pid", "xact_id",
+                 "in_transaction", "anomaly_score", "parameters")
 
 _UPSERT_TEMPLATE = """
 INSERT INTO pgpilot.templates AS t
@@ -310,10 +317,11 @@ FROM unnest($1::text[], $2::timestamptz[]) AS v(fp, ts)
 WHERE t.fingerprint = v.fp AND t.last_seen < v.ts
 """
 _PARTITIONS = """
-SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-WHERE i.inhparent = 'pgpilot.query_events'::regclass
+SELECT p.relname AS parent, c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace
+WHERE n.nspname = 'pgpilot' AND p.relname IN ('query_event_groups', 'query_event_rows')
 """
-_PARTITION_NAME = re.compile(r"^query_events_(\d{8})$")
+_PARTITION_DAY = re.compile(r"_(\d{8})$")   # query_event_groups_YYYYMMDD (or query_events_YYYYMMDD, renamed)
 
 _DAY = 86400
 _EPOCH = dt.date(1970, 1, 1)
@@ -371,16 +379,10 @@ class _Batch:
                 for (ts, dur, wait, s, nrows, nbytes, sqlstate, who, pid, xact, in_xact, protocol, cache_outcome,
                      rewrite, score, params) in self.rows]
 
-    def fingerprints(self) -> list[str]:
-        if self.compact:
-            return [r[_C_STATEMENT].fingerprint for r in self.rows]
-        return [r[_FP] for r in self.rows]
-
 
 # A compact row: a log row before expansion, with references to the statement's analysis and its session.
 COMPACT = ("ts", "duration_us", "wait_us", "statement", "rows", "bytes_out", "sqlstate", "session", "backend_pid",
            "xact_id", "in_transaction", "protocol", "cache_outcome", "rewrite", "anomaly_score", "parameters")
-_C_STATEMENT = COMPACT.index("statement")
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -425,16 +427,43 @@ class CopyTextEncoder:
         lines.append("")
         return "\n".join(lines).encode("utf-8", "replace")
 
-    def encode_compact(self, rows: list[tuple], proxy_id: str) -> bytes:
-        """The same text for compact rows: per statement and per session the fields come pre-encoded."""
-        timestamp = self._timestamp
+    @staticmethod
+    def group(rows: list[tuple]) -> list[tuple]:
+        """Compact rows by what query_event_groups shares (statement, session, protocol, cache outcome, rewrite)
+        and by day: (earliest ts, rows, fingerprint, latest ts) per group, in order of first appearance."""
+        groups: dict[tuple, list] = {}
+        for r in rows:
+            key = (r[3], r[7], r[11], r[12], r[13])
+            g = groups.get(key)
+            if g is None:
+                groups[key] = [r]
+            else:
+                g.append(r)
+        out = []
+        for key, members in groups.items():
+            ts = [r[0] for r in members]
+            first, last = min(ts), max(ts)
+            if _day_of(first) == _day_of(last):
+                out.append((first, members, key[0].fingerprint, last))
+                continue
+            by_day: dict[int, list] = {}   # a group goes to one day's partition: split at midnight
+            for r in members:
+                by_day.setdefault(_day_of(r[0]), []).append(r)
+            for day_members in by_day.values():
+                ts = [r[0] for r in day_members]
+                out.append((min(ts), day_members, key[0].fingerprint, max(ts)))
+        return out
+
+    def encode_groups(self, groups: list[tuple], proxy_id: str) -> bytes:
+        """COPY text of query_event_groups rows (GROUP_COLUMNS) for groups made by `group`."""
         tails = self._tails
         N = "\\N"
         origin = _copy_text(proxy_id)
         lines = []
-        append = lines.append
-        for (ts, duration, wait, s, nrows, nbytes, sqlstate, who, pid, xact, in_xact, protocol, cache_outcome,
-             rewrite, score, params) in rows:
+        for first, members, _, _ in groups:
+            (ts, duration, wait, (s,), nrows, nbytes, sqlstate, (who,), pid, xact, in_xact, (protocol,),
+             (cache_outcome,), (rewrite,), score, params) = (
+                 col if i not in _SHARED else col[:1] for i, col in enumerate(zip(*members)))
             stmt = s.copy_text
             if stmt is None:
                 stmt = s.copy_text = "\t".join((_copy_text(s.fingerprint), _copy_text(s.kind),
@@ -445,14 +474,31 @@ class CopyTextEncoder:
                     tails.clear()
                 tail = tails[protocol, cache_outcome, rewrite] = "\t".join(
                     _copy_text(v) for v in (protocol, cache_outcome, rewrite))
-            append(f"{timestamp(ts)}\t{duration}\t{wait}\t{stmt}\t"
-                   f"{N if nrows is None else nrows}\t{nbytes}\t{sqlstate or N}\t{who.copy_text}\t"
-                   f"{N if pid is None else pid}\t{N if xact is None else xact}\t"
-                   f"{N if in_xact is None else ('t' if in_xact else 'f')}\t{tail}\t"
-                   f"{N if score is None else repr(score)}\t{origin}\t"
-                   f"{N if params is None else _array_literal(params).translate(_COPY_ESCAPES)}")
-        append("")
+            base = int(first * 1e6)
+            n = len(ts)
+            lines.append("\t".join((
+                self._timestamp_us(base), stmt, who.copy_text, tail, origin,
+                "{" + ",".join(map(str, [int(t * 1e6) - base for t in ts])) + "}",
+                _int_array(duration), _int_array(wait), _int_array(nrows), _int_array(nbytes),
+                N if sqlstate.count(None) == n else _copy_text(_array_literal(sqlstate)),
+                _int_array(pid), _int_array(xact),
+                N if in_xact.count(None) == n else "{" + ",".join(map(_BOOL_ELEMENT.__getitem__, in_xact)) + "}",
+                N if score.count(None) == n else "{" + ",".join("NULL" if v is None else repr(float(v))
+                                                                for v in score) + "}",
+                N if params.count(None) == n else _copy_text(_array_literal(
+                    [None if p is None else _array_literal(p) for p in params])))))
+        lines.append("")
         return "\n".join(lines).encode("utf-8", "replace")
+
+    def _timestamp_us(self, us: int) -> str:
+        """COPY text of a UTC timestamp given in whole microseconds since the epoch."""
+        whole, micro = divmod(us, 1_000_000)
+        prefix = self._seconds.get(whole)
+        if prefix is None:
+            if len(self._seconds) > 4096:
+                self._seconds.clear()
+            prefix = self._seconds[whole] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
+        return f"{prefix}.{micro:06d}+00"
 
     def _text_field(self, value) -> str:
         if value is None:
@@ -474,6 +520,19 @@ class CopyTextEncoder:
                 self._arrays.clear()
             literal = self._arrays[key] = _array_literal(key).translate(_COPY_ESCAPES)
         return literal
+
+
+_SHARED = (3, 7, 11, 12, 13)   # compact row fields every member of a group has in common
+_BOOL_ELEMENT = {True: "t", False: "f", None: "NULL"}
+
+
+def _int_array(values: tuple) -> str:
+    """COPY text of an integer array (NULL elements allowed); \\N when every element is NULL."""
+    if None in values:
+        if values.count(None) == len(values):
+            return "\\N"
+        return "{" + ",".join("NULL" if v is None else str(int(v)) for v in values) + "}"
+    return "{" + ",".join(map(str, values)) + "}"
 
 
 def _array_literal(values) -> str:
@@ -1181,12 +1240,22 @@ class QueryLog:
         if conn is None:
             raise _TransientStoreError("not connected")
         rows = batch.rows
-        days = {_day_of(r[0]) for r in rows}
+        if batch.compact:
+            # Grouped as they will be stored: a group goes to the partition of its earliest statement.
+            chunks = [self._encoder.group(rows[start:start + _COPY_ROWS]) for start in range(0, len(rows), _COPY_ROWS)]
+            days = {_day_of(g[0]) for groups in chunks for g in groups}
+        else:
+            days = {_day_of(r[0]) for r in rows}
         missing = days - self._partitions
         if missing:
             expired = await self._create_partitions(missing)
             if expired:
-                kept = [r for r in rows if _day_of(r[0]) not in expired]
+                if batch.compact:
+                    kept_chunks = [[g for g in groups if _day_of(g[0]) not in expired] for groups in chunks]
+                    kept = [r for groups in kept_chunks for g in groups for r in g[1]]
+                    chunks = kept_chunks
+                else:
+                    kept = [r for r in rows if _day_of(r[0]) not in expired]
                 self._note_dropped(len(rows) - len(kept), "older than retention_days")
                 batch.rows = rows = kept
         new = sorted((fp, t) for fp, t in batch.templates.items() if fp not in self._known)
@@ -1196,21 +1265,32 @@ class QueryLog:
                     await conn.executemany(_UPSERT_TEMPLATE, [
                         (fp, t[0], t[1], t[2], t[3], dt.datetime.fromtimestamp(t[5], _UTC),
                          dt.datetime.fromtimestamp(t[6], _UTC), t[4]) for fp, t in new])
-                # Several COPYs of a bounded size, so encoding never holds the event loop for long.
-                for start in range(0, len(rows), _COPY_ROWS):
-                    chunk = rows[start:start + _COPY_ROWS]
-                    data = (self._encoder.encode_compact(chunk, self.proxy_id) if batch.compact
-                            else self._encoder.encode(chunk))
-                    # A memoryview: asyncpg reads a file object in an executor thread and takes bytes for a path.
-                    await conn.copy_to_table("query_events", schema_name="pgpilot", columns=COLUMNS,
-                                             source=memoryview(data), format="text")
+                # Several COPYs of a bounded size, so encoding never holds the event loop for long. A memoryview:
+                # asyncpg reads a file object in an executor thread, and takes bytes for a path.
+                if batch.compact:
+                    for groups in chunks:
+                        if groups:
+                            data = self._encoder.encode_groups(groups, self.proxy_id)
+                            await conn.copy_to_table("query_event_groups", schema_name="pgpilot",
+                                                     columns=GROUP_COLUMNS, source=memoryview(data), format="text")
+                else:
+                    for start in range(0, len(rows), _COPY_ROWS):
+                        data = self._encoder.encode(rows[start:start + _COPY_ROWS])
+                        await conn.copy_to_table("query_event_rows", schema_name="pgpilot", columns=COLUMNS,
+                                                 source=memoryview(data), format="text")
         self._known.update(fp for fp, _ in new)
         if len(self._known) > 200_000:
             self._known = {fp for fp, _ in new}
         seen = self._last_seen
-        for r, fp in zip(rows, batch.fingerprints()):
-            if r[0] > seen.get(fp, 0.0):
-                seen[fp] = r[0]
+        if batch.compact:
+            for groups in chunks:
+                for first, _, fp, last in groups:
+                    if last > seen.get(fp, 0.0):
+                        seen[fp] = last
+        else:
+            for r in rows:
+                if r[0] > seen.get(r[_FP], 0.0):
+                    seen[r[_FP]] = r[0]
 
     async def _replay_oldest(self) -> bool:
         """Replay one spool segment if there is one to claim; returns whether there was."""
@@ -1240,13 +1320,19 @@ class QueryLog:
         return True
 
     async def _load_partitions(self, conn) -> set[int]:
-        days = set()
+        """The days with a partition of query_event_groups (partition_ddl creates the others' alongside)."""
+        return {day for parent, _, day in await self._partition_list(conn) if parent == "query_event_groups"}
+
+    @staticmethod
+    async def _partition_list(conn) -> list[tuple[str, str, int]]:
+        """(parent, partition, day) of every partition behind the query_events view."""
+        out = []
         for rec in await conn.fetch(_PARTITIONS):
-            m = _PARTITION_NAME.match(rec["relname"])
+            m = _PARTITION_DAY.search(rec["relname"])
             if m:
                 day = dt.datetime.strptime(m.group(1), "%Y%m%d").date()
-                days.add((day - _EPOCH).days)
-        return days
+                out.append((rec["parent"], rec["relname"], (day - _EPOCH).days))
+        return out
 
     async def _create_partitions(self, days: set[int]) -> set[int]:
         """Create partitions for these days; returns the days too old to keep (their rows are dropped)."""
@@ -1276,9 +1362,9 @@ class QueryLog:
         cutoff = today - self.cfg.retention_days
         dropped = []
         async with self._conn_lock:
-            self._partitions = await self._load_partitions(conn)
-            for day in sorted(d for d in self._partitions if d < cutoff):
-                name = logstore.partition_name(_date_of_day(day))
+            partitions = await self._partition_list(conn)
+            self._partitions = {day for parent, _, day in partitions if parent == "query_event_groups"}
+            for day, name in sorted((day, name) for _, name, day in partitions if day < cutoff):
                 try:
                     async with conn.transaction():
                         # Readers (the learner) may hold the table: wait a little, try again next time.

@@ -281,7 +281,7 @@ class Recorder:
             self._known_days |= missing
         with store.transaction():
             with store.cursor() as cur:
-                with cur.copy(f"COPY pgpilot.query_events ({', '.join(EVENT_COLUMNS)}) FROM STDIN") as copy:
+                with cur.copy(f"COPY pgpilot.query_event_rows ({', '.join(EVENT_COLUMNS)}) FROM STDIN") as copy:
                     for row in self._events:
                         copy.write_row(row)
                 cur.executemany(

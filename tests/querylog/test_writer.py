@@ -8,7 +8,7 @@ import time
 import psycopg
 
 from proxy.analysis import analyze_uncached
-from proxy.logstore import ensure_schema_sync, partition_name
+from proxy.logstore import PARTITIONED, ensure_schema_sync, partition_name
 from proxy.querylog import QueryLog
 from tests.querylog.conftest import fetch, make_config, make_event
 
@@ -162,11 +162,14 @@ def test_retention_drops_partitions_older_than_retention_days(tmp_path, store_ds
     dropped = asyncio.run(maintain())
 
     partitions = {name for (name,) in fetch(store_dsn, "SELECT c.relname FROM pg_inherits i JOIN pg_class c "
-                                                        "ON c.oid = i.inhrelid "
-                                                        "WHERE i.inhparent = 'pgpilot.query_events'::regclass")}
-    assert dropped == [partition_name(old)]
-    assert partition_name(old) not in partitions
-    assert {partition_name(recent), partition_name(today), partition_name(today + dt.timedelta(days=1))} <= partitions
+                                                        "ON c.oid = i.inhrelid WHERE i.inhparent IN "
+                                                        "('pgpilot.query_event_groups'::regclass, "
+                                                        "'pgpilot.query_event_rows'::regclass)")}
+    expired = sorted(partition_name(old, table) for table in PARTITIONED)
+    assert dropped == expired
+    assert not set(expired) & partitions
+    assert {partition_name(day, table) for day in (recent, today, today + dt.timedelta(days=1))
+            for table in PARTITIONED} <= partitions
 
 
 def test_events_of_a_day_without_partition_get_one(tmp_path, store_dsn):
@@ -174,7 +177,7 @@ def test_events_of_a_day_without_partition_get_one(tmp_path, store_dsn):
     asyncio.run(_log_all(make_config(tmp_path), store_dsn, [make_event("SELECT 1", 1, ts=five_days_ago)]))
 
     day = dt.datetime.fromtimestamp(five_days_ago, dt.timezone.utc).date()
-    assert fetch(store_dsn, f"SELECT count(*) FROM pgpilot.{partition_name(day)}") == [(1,)]
+    assert fetch(store_dsn, f"SELECT count(*) FROM pgpilot.{partition_name(day)}, unnest(offsets_us)") == [(1,)]
 
 
 def test_events_older_than_retention_are_dropped_and_counted(tmp_path, store_dsn):
