@@ -1,6 +1,8 @@
 """The learner's acceptance numbers on a mixed workload executed for real: pgbench + TPC-H + the synthetic application.
 
     python -m bench.learn_models [--quick] [--rounds 3] [--json out.json]
+    python -m bench.learn_models --save-recording DIR ...   # keep the recorded cluster (log store, app, tpch)
+    python -m bench.learn_models --recording DIR --rounds 1 # learn again from that recording, no re-recording
 
 A throwaway PostgreSQL runs pgbench's TPC-B script, TPC-H (scale 0.1, when tpchgen-cli is installed) with
 parameters drawn per the specification, and the synthetic application with labelled anomalies, each
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,6 +90,33 @@ def record_workloads(cluster: PgCluster, args) -> dict:
     return out
 
 
+def save_recording(cluster: PgCluster, target: Path, counts: dict) -> None:
+    """Copy the cluster's data directory (stopped for a consistent copy) and the workload counts to target."""
+    cluster.stop()
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(cluster.datadir, target / "data", symlinks=True)
+    (target / "counts.json").write_text(json.dumps(counts))
+    cluster.start()
+    log.info("recording saved to %s", target)
+
+
+def start_from_recording(cluster: PgCluster, source: Path) -> dict:
+    """Start `cluster` on a copy of a saved data directory; returns the saved workload counts."""
+    cluster._tmp = tempfile.mkdtemp(prefix="pgpilot-pg-")
+    cluster.datadir = Path(cluster._tmp) / "data"
+    shutil.copytree(source / "data", cluster.datadir, symlinks=True)
+    (cluster.datadir / "postmaster.pid").unlink(missing_ok=True)
+    if os.geteuid() == 0:  # the server runs as the postgres system user (initdb refuses root)
+        for root, dirs, files in os.walk(cluster._tmp):
+            for name in dirs + files:
+                shutil.chown(os.path.join(root, name), "postgres", "postgres")
+        shutil.chown(cluster._tmp, "postgres", "postgres")
+        cluster._as_user = ["runuser", "-u", "postgres", "--"]
+    cluster.start()
+    return json.loads((source / "counts.json").read_text())
+
+
 def isolation_forest_cost(event_log, seed: int) -> dict:
     """onnxruntime cost of a 100-tree IsolationForest converted as-is, on the anomaly features."""
     from learning import anomaly as an
@@ -110,19 +141,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=60.0, help="time model search budget (s)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--json")
+    p.add_argument("--save-recording", metavar="DIR",
+                   help="after recording, copy the stopped cluster's data directory (log store, app, tpch) to DIR")
+    p.add_argument("--recording", metavar="DIR",
+                   help="learn from a recording saved by --save-recording instead of recording the workloads")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.app_statements, args.pgbench_tx, args.tpch_instances, args.budget = 1, 8000, 300, 3, 10.0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    cluster = PgCluster().start()
+    cluster = PgCluster()
     tmp = Path(tempfile.mkdtemp(prefix="pgpilot-learn-models-"))
     try:
-        for db in ("store", "app"):
-            cluster.psql(f"CREATE DATABASE {db}")
-        started = time.monotonic()
-        counts = record_workloads(cluster, args)
-        log.info("workloads recorded in %.0fs: %s", time.monotonic() - started,
-                 {k: v["events"] for k, v in counts.items()})
+        if args.recording:
+            counts = start_from_recording(cluster, Path(args.recording))
+            log.info("recording %s: %s", args.recording, {k: v["events"] for k, v in counts.items()})
+        else:
+            cluster.start()
+            for db in ("store", "app"):
+                cluster.psql(f"CREATE DATABASE {db}")
+            started = time.monotonic()
+            counts = record_workloads(cluster, args)
+            log.info("workloads recorded in %.0fs: %s", time.monotonic() - started,
+                     {k: v["events"] for k, v in counts.items()})
+            if args.save_recording:
+                save_recording(cluster, Path(args.save_recording), counts)
         import psycopg
 
         from learning.logdata import load_log
@@ -212,13 +254,15 @@ def print_results(results: dict) -> None:
     c = [r["models"].get("cache", {}) for r in rounds]
     print("\nCACHE  DB time saved (s) replaying the held-out trace; net = minus lookups and bytes stored")
     print(f"{'cache size':>11}{'never':>8}{'always':>8}{'model':>8}{'oracle':>8}{'model/oracle':>13}"
-          f"{'always/oracle':>14}{'net always':>11}{'net model':>10}")
+          f"{'always/oracle':>14}{'net always':>11}{'net model':>10}{'admit at':>9}")
     for k, row in enumerate(c[0].get("simulation") or []):
         def m(key):
-            return statistics.median(x["simulation"][k][key] for x in c if x.get("simulation"))
+            values = [x["simulation"][k].get(key) for x in c if x.get("simulation")]
+            values = [v for v in values if v is not None]
+            return statistics.median(values) if values else float("nan")
         print(f"{100 * row['capacity_share']:>10.1f}%{m('never'):>8.2f}{m('always'):>8.2f}{m('model'):>8.2f}"
               f"{m('oracle'):>8.2f}{m('model_vs_oracle'):>13.2f}{m('always_vs_oracle'):>14.2f}"
-              f"{m('always_net'):>11.2f}{m('model_net'):>10.2f}")
+              f"{m('always_net'):>11.2f}{m('model_net'):>10.2f}{m('threshold'):>9.2f}")
 
     print("\nSERVING  ONNX vs native, onnxruntime one thread")
     print(f"{'model':<22}{'max |diff|':>12}{'us/row single':>15}{'us/row batched':>16}")
