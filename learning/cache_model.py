@@ -428,14 +428,18 @@ class CacheEvaluation:
         return row[policy]["db_time_saved_s"] / ref if ref > 0 else math.nan
 
 
-def evaluate(trace: Trace, admitted: set[int], capacities_bytes: list[float],
+def evaluate(trace: Trace, admitted: set[int] | list[set[int]], capacities_bytes: list[float],
              extra_policies: dict[str, set[int]] | None = None, *, lookup_us: float = 0.0,
              byte_cost_us: float = 0.0) -> CacheEvaluation:
-    """DB time saved (and net of the cache's costs) by each policy at each cache size over one trace."""
+    """DB time saved (and net of the cache's costs) by each policy at each cache size over one trace.
+
+    admitted: the model's templates, one set for every size or a list of sets, one per size (its threshold
+    chosen for that size)."""
     ev = CacheEvaluation(list(capacities_bytes))
-    for cap in capacities_bytes:
+    per_size = admitted if isinstance(admitted, list) else [admitted] * len(capacities_bytes)
+    for cap, model_set in zip(capacities_bytes, per_size):
         row = {}
-        for policy, adm in [("never", None), ("always", None), ("model", admitted), ("oracle", None),
+        for policy, adm in [("never", None), ("always", None), ("model", model_set), ("oracle", None),
                             *((name, a) for name, a in (extra_policies or {}).items())]:
             pol = policy if policy in ("never", "always", "oracle") else "model"
             if pol == "never":  # nothing to replay: it saves nothing and costs nothing
@@ -460,7 +464,9 @@ def admitted_at(proba: np.ndarray, tids: list[int], threshold: float) -> set[int
     return {t for t, p in zip(tids, proba) if p >= threshold}
 
 
-THRESHOLDS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
+# 0.0 admits every read template (always-caching): in a cache that holds every reused result, admission
+# cannot save more, only lose hits.
+THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
 
 def choose_threshold(model, event_log: EventLog, fit_mask: np.ndarray, val_mask: np.ndarray,
@@ -471,18 +477,28 @@ def choose_threshold(model, event_log: EventLog, fit_mask: np.ndarray, val_mask:
     the cache enters it warm, as a running cache would (a result cached before the window can hit inside it).
     The cache size is capacity_share of the distinct bytes read in the validation window.
     """
+    return choose_thresholds(model, event_log, fit_mask, val_mask, (capacity_share,))[0]
+
+
+def choose_thresholds(model, event_log: EventLog, fit_mask: np.ndarray, val_mask: np.ndarray,
+                      capacity_shares) -> list[tuple[float, list]]:
+    """choose_threshold for each cache size in capacity_shares (the replays share one trace)."""
     stats = template_stats(event_log, fit_mask)
     X, tids = template_rows(event_log, stats)
     if not len(X):
-        return 0.5, []
+        return [(0.5, []) for _ in capacity_shares]
     proba = model.predict_proba(X)[:, 1]
     trace = build_trace(event_log, fit_mask | val_mask)
     in_val = val_mask[trace.index]
     start = int(np.argmax(in_val)) if in_val.any() else len(trace)
-    capacity = max(distinct_result_bytes(build_trace(event_log, val_mask)), 1.0) * capacity_share
-    tried = []
-    for th in THRESHOLDS:
-        saved = simulate(trace, "model", capacity, admitted_at(proba, tids, th), measure_from=start).saved_us
-        tried.append({"threshold": th, "saved_s": saved / 1e6})
-    best = max(tried, key=lambda r: (round(r["saved_s"], 6), -abs(r["threshold"] - 0.5)))
-    return best["threshold"], tried
+    distinct = max(distinct_result_bytes(build_trace(event_log, val_mask)), 1.0)
+    out = []
+    for share in capacity_shares:
+        tried = []
+        for th in THRESHOLDS:
+            saved = simulate(trace, "model", distinct * share, admitted_at(proba, tids, th),
+                             measure_from=start).saved_us
+            tried.append({"threshold": th, "saved_s": saved / 1e6})
+        best = max(tried, key=lambda r: (round(r["saved_s"], 6), -abs(r["threshold"] - 0.5)))
+        out.append((best["threshold"], tried))
+    return out

@@ -345,6 +345,14 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
         if best is None or round(saved, 6) > round(best, 6):
             best, chosen, threshold, tried = saved, name, th, th_tried
     label_byte_cost = candidates[chosen][1]
+    # The admission threshold per cache size (on the same validation replay): a small cache wants only the
+    # templates whose results save the most per byte, a large one every template whose results come back.
+    fit_part = cm.window_samples(event_log, fit_mask, 5, candidates[chosen][0])
+    trial = cm.fit_classifier(fit_part.X, fit_part.y, settings.seed, fit_part.weight)
+    by_share = (cm.choose_thresholds(trial, event_log, fit_mask, val_part, CACHE_CAPACITY_SHARES)
+                if trial is not None else [(threshold, tried)] * len(CACHE_CAPACITY_SHARES))
+    thresholds = [th for th, _ in by_share]
+    threshold = thresholds[1]
     samples = cm.window_samples(event_log, train, 6, label_byte_cost)
     X, y, w = samples.X, samples.y, samples.weight
     model = cm.fit_classifier(X, y, settings.seed, w)
@@ -357,17 +365,18 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
     trace = cm.build_trace(event_log, test)
     total = max(cm.distinct_result_bytes(trace), 1.0)
     capacities = [total * s for s in CACHE_CAPACITY_SHARES]
-    evaluation = cm.evaluate(trace, admitted, capacities, **costs)
+    evaluation = cm.evaluate(trace, [cm.admitted_at(proba, tids, th) for th in thresholds], capacities, **costs)
     table = []
-    for share, cap in zip(CACHE_CAPACITY_SHARES, capacities):
+    for share, cap, th in zip(CACHE_CAPACITY_SHARES, capacities, thresholds):
         row = evaluation.by_capacity[cap]
-        table.append({"capacity_share": share, "capacity_mb": cap / 1e6,
+        table.append({"capacity_share": share, "capacity_mb": cap / 1e6, "threshold": th,
                       **{p: row[p]["db_time_saved_s"] for p in ("never", "always", "model", "oracle")},
                       **{f"{p}_net": row[p]["net_saved_s"] for p in ("always", "model", "oracle")},
                       "model_vs_oracle": evaluation.ratio(cap, "model"),
                       "always_vs_oracle": evaluation.ratio(cap, "always")})
     metrics = {"samples": int(len(y)), "positive_share": float(y.mean()), "threshold": threshold,
-               "threshold_search": tried, "byte_cost": chosen, "label_byte_cost_us": label_byte_cost,
+               "threshold_search": tried, "threshold_by_share": dict(zip(CACHE_CAPACITY_SHARES, thresholds)),
+               "byte_cost": chosen, "label_byte_cost_us": label_byte_cost,
                "byte_cost_search": searched, "admitted_templates": len(admitted), "read_templates": len(tids),
                "test_reads": int(trace.is_read.sum()), "distinct_mb": total / 1e6, "simulation": table,
                "detail": evaluation.table, **costs}
@@ -375,7 +384,8 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
     score = evaluation.by_capacity[ref]["model"]["db_time_saved_s"]
     onnx_bytes = export_onnx(model, cm.KIND, algorithm="gradient-boosting-classifier",
                              metrics={"simulation": table, "samples": int(len(y))}, training_window=window,
-                             extra={"admit_at": threshold, "label_byte_cost_us": label_byte_cost, **costs})
+                             extra={"admit_at": threshold, "label_byte_cost_us": label_byte_cost,
+                                    "admit_at_by_cache_share": dict(zip(CACHE_CAPACITY_SHARES, thresholds)), **costs})
     if len(X_t):
         metrics["onnx"] = onnx_agreement(onnx_bytes, proba, X_t)
 

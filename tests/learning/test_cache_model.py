@@ -117,3 +117,24 @@ def test_at_a_one_percent_cache_the_model_comes_close_to_the_oracle(cache_evalua
     evaluation, (_, medium) = cache_evaluation
     assert evaluation.ratio(medium, "model") >= 0.8
     assert evaluation.by_capacity[medium]["never"]["db_time_saved_s"] == 0
+
+
+def test_each_cache_size_replays_the_model_with_its_own_admission_set():
+    trace = make_trace([("r", 0, 1, 500, 100), ("r", 0, 1, 400, 100), ("r", 1, 2, 300, 100), ("r", 1, 2, 200, 100)])
+    evaluation = cm.evaluate(trace, [{0}, {0, 1}], [1000, 2000])
+    assert evaluation.by_capacity[1000]["model"]["db_time_saved_s"] == 400 / 1e6
+    assert evaluation.by_capacity[2000]["model"]["db_time_saved_s"] == 600 / 1e6
+
+
+def test_a_cache_large_enough_for_every_result_may_admit_every_template(event_log):
+    train, _ = time_split(event_log, 0.3)
+    val = cm.window_masks(event_log, train, 6)[-1]
+    fit = cm.window_samples(event_log, train & ~val, 5, 0.01)
+    model = cm.fit_classifier(fit.X, fit.y, sample_weight=fit.weight)
+    chosen = cm.choose_thresholds(model, event_log, train & ~val, val, (0.01, 100.0))
+    assert len(chosen) == 2
+    small, huge = chosen
+    assert [r["threshold"] for r in huge[1]] == list(cm.THRESHOLDS) and 0.0 in cm.THRESHOLDS
+    # with room for everything, no threshold saves more than admitting every template
+    best_huge = max(r["saved_s"] for r in huge[1])
+    assert next(r["saved_s"] for r in huge[1] if r["threshold"] == 0.0) == pytest.approx(best_huge)
