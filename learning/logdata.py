@@ -10,12 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from proxy.features import ServingContext, TemplateStats, fit_basis, param_features
+from proxy.features import (ServingContext, TemplateStats, expected_time, fit_basis, param_features,
+                            parameter_key)
 
 log = logging.getLogger("pgpilot.learn")
 
@@ -347,6 +349,9 @@ def _template_stats(event_log: EventLog, mask: np.ndarray) -> dict[str, Template
 
 FIT_MAX_EVENTS = 3000   # events per template the expected-time fit uses (evenly spaced), at most
 FIT_RIDGE = 1.0         # ridge penalty on the fit's slopes (not on its intercept)
+KEY_MIN_CALLS = 3       # calls with the same parameter values before their own typical time is kept
+KEY_MIN_GAP = math.log(1.25)  # ... when it is at least this far (ln) from what the fit expects of them
+KEY_MAX_PER_TEMPLATE = 256    # parameter values kept per template, the most frequent first
 
 
 def fit_expected_times(event_log: EventLog, mask: np.ndarray, stats: dict[str, TemplateStats]) -> None:
@@ -374,8 +379,38 @@ def fit_expected_times(event_log: EventLog, mask: np.ndarray, stats: dict[str, T
             rows = [fit_basis(event_log.rows[idx[k]], event_log.bytes_out[idx[k]],
                               param_features(tuple(event_log.params[idx[k]]))) for k in with_params]
             t.time_fit = _robust_ridge(np.array(rows), y[with_params])
+            t.key_times = None
+            t.key_times = _key_times(event_log, idx_all[starts[tid]:ends[tid]], t) or None
         else:
             t.time_fit = None
+            t.key_times = None
+
+
+def _key_times(event_log: EventLog, idx: np.ndarray, t: TemplateStats) -> dict[str, float]:
+    """Median ln(1 + us) per parameter values (proxy.features.parameter_key) seen at least KEY_MIN_CALLS times
+    whose median is KEY_MIN_GAP or more from what the fit expects of them: costs that are not log-linear in the
+    values (a customer's order count behind its id) are then expected of the values themselves."""
+    groups: dict[str, list[int]] = {}
+    pfs: dict[str, tuple] = {}
+    for i in idx:
+        params = event_log.params[i]
+        if params is None:
+            continue
+        pf = param_features(tuple(params))
+        key = parameter_key(pf)
+        groups.setdefault(key, []).append(int(i))
+        pfs.setdefault(key, pf)
+    out = []
+    for key, members in groups.items():
+        if len(members) < KEY_MIN_CALLS:
+            continue
+        m = np.array(members)
+        own = float(np.median(np.log1p(event_log.duration_us[m])))
+        fitted = np.median([expected_time(t, event_log.rows[i], event_log.bytes_out[i], pfs[key])[0] for i in m])
+        if abs(own - fitted) >= KEY_MIN_GAP:
+            out.append((len(members), key, own))
+    out.sort(reverse=True)
+    return {key: own for _, key, own in out[:KEY_MAX_PER_TEMPLATE]}
 
 
 def _robust_ridge(B: np.ndarray, y: np.ndarray) -> list[float]:

@@ -19,9 +19,11 @@ learner-exported context, identically for training and serving.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import math
 import re
+import struct
 from collections import deque
 from functools import lru_cache
 
@@ -29,7 +31,7 @@ import numpy as np
 from pglast import parser as pg_parser
 
 # Bump whenever a feature's meaning, order or computation changes: models trained on another version are refused.
-FEATURE_VERSION = 3
+FEATURE_VERSION = 4
 
 _CONST_TOKENS = frozenset({"SCONST", "ICONST", "FCONST", "BCONST", "XCONST", "USCONST"})
 _COMMENT_TOKENS = frozenset({"SQL_COMMENT", "C_COMMENT"})
@@ -444,7 +446,7 @@ class TemplateStats:
         "calls", "calls_per_hour", "mean_us", "p50_us", "p95_us", "mad_log_us", "rows_p50", "rows_mad_log",
         "bytes_p50", "bytes_mad_log", "error_rate", "key_ratio", "first_seen", "n_apps", "app_share",
         "write_rate", "tables_bytes", "tables_rows", "plan_cost", "plan_rows", "plan_width", "plan_nodes",
-        "time_fit", "time_fit_rows",
+        "time_fit", "time_fit_rows", "key_times",
     )
     __slots__ = FIELDS + ("_vector", "_fits")
 
@@ -527,12 +529,27 @@ def fit_basis(rows, nbytes, pf: tuple | None) -> list[float]:
     return b
 
 
+def parameter_key(pf: tuple) -> str:
+    """A short name for a statement's parameter values, from the values the expected-time fit sees (numbers,
+    dates, string lengths): the key of TemplateStats.key_times."""
+    values = [pf[j] for j in _FIT_PAR_INDEX]
+    return hashlib.blake2b(struct.pack(f"<{len(values)}d", *values), digest_size=8).hexdigest()
+
+
 def expected_time(t: "TemplateStats", rows, nbytes, pf: tuple | None) -> tuple[float, float] | None:
-    """(expected ln(1 + duration us), MAD of the fit) for one statement of a template, None without a fit."""
+    """(expected ln(1 + duration us), MAD of the fit) for one statement of a template, None without a fit.
+
+    Parameter values that the log shows often enough and far from the fit (a customer with a long history,
+    when the time is not log-linear in the values) are expected to take their own typical time
+    (TemplateStats.key_times, kept by the learner)."""
     fit = t.time_fit if pf is not None and t.time_fit else t.time_fit_rows
     if not fit:
         return None
     k = len(fit) - 3
+    if pf is not None and t.key_times:
+        own = t.key_times.get(parameter_key(pf))
+        if own is not None:
+            return own, fit[k + 2]
     b = fit_basis(rows, nbytes, pf if k > FIT_BASIS_ROWS else None)
     v = sum(c * x for c, x in zip(fit[:k], b))
     return min(max(v, fit[k]), fit[k + 1]), fit[k + 2]
@@ -587,6 +604,11 @@ def expectation_columns(templates: list, dur, rows, nbytes, pfs: list, sqlstates
     dur = np.asarray(dur, dtype=np.float64)
     lo, hi, mad = F[:, FIT_BASIS_PARAMS], F[:, FIT_BASIS_PARAMS + 1], F[:, FIT_BASIS_PARAMS + 2]
     e_log = np.clip((B * F[:, :FIT_BASIS_PARAMS]).sum(axis=1), lo, hi)
+    for i, (t, pf) in enumerate(zip(templates, pfs)):
+        if pf is not None and t is not None and t.key_times:
+            own = t.key_times.get(parameter_key(pf))
+            if own is not None:
+                e_log[i] = own
     z = (np.log1p(np.maximum(dur, 0.0)) - e_log) / (1.4826 * np.maximum(mad, _MAD_FLOOR))
     out[:, 0] = np.where(has, e_log, 0.0)
     out[:, 1] = np.where(has, mad, 0.0)

@@ -89,3 +89,43 @@ def test_a_slow_outlier_is_judged_against_what_its_parameters_make_expected():
     assert heavy_us < 2 * t.p95_us
     assert an.anomaly_signals(row(9000, heavy_us))[0, slow] == 0.0
     assert an.anomaly_signals(row(10, heavy_us))[0, slow] >= 1.0
+
+
+def test_parameter_values_with_their_own_history_are_expected_to_take_their_usual_time():
+    from proxy.features import TemplateStats, param_features, parameter_key, transform_many
+    fit = [5.0, 0.0, 0.0, 4.0, 7.0, 0.2]   # ln(1 + us) = 5 whatever the statement: ~150 us
+    hot = parameter_key(param_features(("7",)))
+    t = TemplateStats(calls=1000, p50_us=150.0, p95_us=300.0, mad_log_us=0.2, rows_p50=1, bytes_p50=60,
+                      error_rate=0.0, n_apps=1, app_share={"web": 1.0}, time_fit_rows=fit,
+                      key_times={hot: float(np.log1p(4000.0))})   # customer 7 usually takes 4 ms
+
+    def row(customer: str):
+        return transform_many([{"sql": "SELECT count(*) FROM orders WHERE customer_id = $1", "parameters": (customer,),
+                                "template": t, "duration_us": 4500.0, "rows": 1, "bytes_out": 60,
+                                "application_name": "web", "app_known": True, "client_known": True}], "anomaly")
+
+    slow = ANOMALY_CLASSES.index("slow_outlier")
+    assert an.anomaly_signals(row("7"))[0, slow] == 0.0
+    assert an.anomaly_signals(row("8"))[0, slow] >= 0.6
+
+
+def test_the_learner_keeps_the_usual_time_of_parameter_values_its_fit_misses(event_log):
+    from learning.logdata import serving_context, time_split
+    from proxy.features import expected_time, param_features, parameter_key
+    train, _ = time_split(event_log, 0.25)
+    ctx = serving_context(event_log, train)
+    keyed = {fp: t for fp, t in ctx.templates.items() if t.key_times}
+    assert keyed   # the simulated customers' order counts are not log-linear in their ids
+    tid = {fp: i for i, fp in enumerate(event_log.fingerprints)}
+    checked = 0
+    for fp, t in keyed.items():
+        for i in np.nonzero(train & (event_log.template == tid[fp]))[0]:
+            params = event_log.params[i]
+            if params is None:
+                continue
+            pf = param_features(tuple(params))
+            own = t.key_times.get(parameter_key(pf))
+            if own is not None:
+                assert expected_time(t, event_log.rows[i], event_log.bytes_out[i], pf)[0] == own
+                checked += 1
+    assert checked >= 3

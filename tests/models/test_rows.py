@@ -8,7 +8,7 @@ import pytest
 
 from proxy.analysis import analyze, extract_literals
 from proxy.config import AnomalyConfig
-from proxy.features import ServingContext, TemplateStats, transform_many
+from proxy.features import ServingContext, TemplateStats, param_features, parameter_key, transform_many
 from proxy.querylog import QueryEvent
 from proxy.scoring import AnomalyScorer
 
@@ -38,7 +38,9 @@ def context() -> ServingContext:
                                                   app_share={"web": 0.7, "api": 0.3},
                                                   # expected ln time: by rows and bytes, and by the id too
                                                   time_fit_rows=[5.0, 0.1, 0.05, 4.0, 7.0, 0.3],
-                                                  time_fit=[5.0, 0.1, 0.05, 0.2, 0, 0, 0, 0, 0, 0, 4.0, 7.0, 0.3]),
+                                                  time_fit=[5.0, 0.1, 0.05, 0.2, 0, 0, 0, 0, 0, 0, 4.0, 7.0, 0.3],
+                                                  # ... and id 42 usually takes its own time (~3 ms)
+                                                  key_times={parameter_key(param_features(("42",))): 8.0}),
         analyze(OTHER).fingerprint: TemplateStats(calls=40, calls_per_hour=20, mean_us=9000, p50_us=8000,
                                                   p95_us=20000, mad_log_us=None, rows_p50=1, bytes_p50=None,
                                                   error_rate=0.05, n_apps=1, app_share={"reports": 1.0}),
