@@ -80,9 +80,10 @@ _RESULT_NEUTRAL_SETTINGS = frozenset((
 class CacheRequest:
     """A read the result cache may answer: its key, what it reads, and how to answer from an entry."""
 
-    __slots__ = ("kind", "sql", "key", "verdict", "tables", "nmsg", "prefix", "parse_raw", "token", "sent")
+    __slots__ = ("kind", "sql", "key", "verdict", "tables", "nmsg", "prefix", "parse_raw", "token", "sent",
+                 "explore")
 
-    def __init__(self, kind: int, sql: bytes, key: bytes, verdict, nmsg: int, prefix: bytes = b"",
+    def __init__(self, kind: int, sql: bytes, key: bytes, verdict, nmsg: int, explore: bool, prefix: bytes = b"",
                  parse_raw: bytes | None = None):
         self.kind = kind            # F_QUERY or F_EXECUTE
         self.sql = sql
@@ -94,6 +95,7 @@ class CacheRequest:
         self.parse_raw = parse_raw  # the batch's Parse, replayed on the session's books on a hit
         self.token = None           # generations read before the query ran: they key the fill
         self.sent = 0.0             # when the lookup started, then when the query went to Postgres
+        self.explore = explore      # a declined template's occasional lookup, whose result is stored anyway
 
 
 _BYPASS = object()   # the lookup said to go to Postgres without filling
@@ -730,17 +732,24 @@ class ClientSession(asyncio.Protocol):
             v = cache.classify(sql, ctx)
             if not v.cacheable:
                 return False
+            explore = cache.admission_turn(v)
+            if explore is None:
+                self._cache_req = _BYPASS     # not admitted: to Postgres, and not looked at again on the way
+                return False
             key = cache.key(ctx, sql, b"S")
             if not key:
                 return False
-            req = CacheRequest(F_QUERY, sql, key, v, 1)
+            req = CacheRequest(F_QUERY, sql, key, v, 1, explore)
         else:
             req = self._extended_cache_request(items, start, ctx)
             if req is None:
                 return False
         req.sent = time.perf_counter()
-        if cache.lookup_soon(req.key, req.tables, self._cache_answered, req, req.verdict) is not None:
-            return False     # no lookup now (Redis slow or down, not admitted...): to Postgres, no fill
+        if cache.lookup_soon(req.key, req.tables, self._cache_answered, req, req.verdict, req.explore) is not None:
+            # No lookup now (Redis slow or down...): to Postgres without a fill. Marked, so that forwarding
+            # the request once a backend is attached does not decide (and count) it again.
+            self._cache_req = _BYPASS
+            return False
         self._flush(be, out, cout)
         out.clear()
         cout.clear()
@@ -796,12 +805,16 @@ class ClientSession(asyncio.Protocol):
         v = self.cache.classify(sql, ctx)
         if not v.cacheable:
             return None
+        explore = self.cache.admission_turn(v)
+        if explore is None:
+            self._cache_req = _BYPASS
+            return None
         # The parameter types are part of the key: the same bytes mean another value under another type.
         key = self.cache.key(ctx, sql, (b"E1" if describe else b"E0") + bind[pos2:], body[types_at:])
         if not key:
             return None
         prefix = (P.PARSE_COMPLETE if parse_raw is not None else b"") + P.BIND_COMPLETE
-        return CacheRequest(F_EXECUTE, sql, key, v, j - start, prefix, parse_raw)
+        return CacheRequest(F_EXECUTE, sql, key, v, j - start, explore, prefix, parse_raw)
 
     def _cache_answered(self, req: CacheRequest, entry: bytes | None, token) -> None:
         """The lookup's answer: reply from the entry, or send the stashed messages to Postgres."""
@@ -827,7 +840,8 @@ class ClientSession(asyncio.Protocol):
             self._pause_reading("wait", False)
         if rest:
             self._to_server(rest, 0)
-        self._cache_req = None
+        if self.stash is None:          # else the request waits for a backend and is sent when one attaches
+            self._cache_req = None
 
     def _served_from_cache(self, req: CacheRequest, entry: bytes, t0: float) -> None:
         now = time.perf_counter()
@@ -935,6 +949,7 @@ class ClientSession(asyncio.Protocol):
     def _fail_stash(self, sqlstate: str, msg: str) -> None:
         """Answer the waiting request with an error, as Postgres would, and carry on with the session."""
         stash, self.stash = self.stash or [], None
+        self._cache_req = None
         self._pause_reading("wait", False)
         if self.closed:
             return

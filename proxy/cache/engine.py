@@ -452,7 +452,23 @@ class ResultCache:
             return None, None
         return await fut
 
-    def lookup_soon(self, key: bytes, tables, done, arg, verdict: Verdict | None = None) -> str | None:
+    def admission_turn(self, verdict: Verdict) -> bool | None:
+        """Whether this execution of a cacheable verdict's template is looked up: None when its results were
+        declined `admission_warmup` times (each admission forgets an eighth of the count; counted as
+        bypass:not_admitted), except 1 in `admission_explore_every` executions, which explore (True: their
+        results are stored, keeping the template's statistics current); False for an admitted template.
+        Decided before the key is built, so a declined template costs one counter."""
+        stats = verdict.stats or self.template_stats(verdict)
+        if stats.declined < self._skip_after:
+            return False
+        stats.skipped += 1
+        if stats.skipped % self._explore_every:
+            self.bypass["not_admitted"] += 1
+            return None
+        return True
+
+    def lookup_soon(self, key: bytes, tables, done, arg, verdict: Verdict | None = None,
+                    explore: bool | None = None) -> str | None:
         """Queue a lookup: done(arg, entry or None, token or None) runs once the shared tier answered (a token
         without an entry: a miss whose result may fill the cache; neither: go to Postgres without filling).
 
@@ -461,21 +477,17 @@ class ResultCache:
         every write acknowledged before it began. A lookup never joins a call already sent. Returns the bypass
         reason instead (counted; `done` is not called) when no lookup can be made now.
 
-        With the statement's `verdict`, admission is decided before the lookup: a template whose results were
-        declined `admission_warmup` times (each admission forgets an eighth of the count) is not looked up (nor offered) but 1 in
-        `admission_explore_every` executions, whose results are stored (exploring: they keep its statistics
-        current)."""
+        With the statement's `verdict`, its template's admission (see `admission_turn`) is decided here, unless the
+        caller decided it already and passes `explore`."""
         reason = self._lookup_refusal(key, tables)
-        explore = False
         stats = None
         if reason is None and verdict is not None:
             stats = verdict.stats or self.template_stats(verdict)
-            if stats.declined >= self._skip_after:
-                stats.skipped += 1
-                if stats.skipped % self._explore_every:
-                    reason = "not_admitted"
-                else:
-                    explore = True
+            if explore is None:
+                explore = self.admission_turn(verdict)
+                if explore is None:
+                    return "not_admitted"
+        explore = bool(explore)
         if reason is not None:
             self.bypass[reason] += 1
             return reason
