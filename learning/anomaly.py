@@ -32,9 +32,9 @@ ISOLATION_WEIGHT = 0.15
 ISOLATION_QUANTILE = 99.9  # training isolation scores above this percentile count as isolated
 # At most this share of the training traffic may look like slow outliers (learning.anomaly_slow_tolerance): on
 # a server whose timings are noisy (stalls of milliseconds), the slow threshold rises until noise stops flagging.
-# It must stay above the rate of real slow outliers in the training window, or the calibration takes them for
-# noise and rises above them (the benchmark injects them at about 0.1% of its traffic).
-SLOW_TOLERANCE = 0.002
+# Above the rate of real slow outliers in the training window it lets more of them through, but a busier test
+# window then brings more false flags (docs/learning.md: 0.001 against 0.002 on two recordings).
+SLOW_TOLERANCE = 0.001
 
 
 @dataclass

@@ -120,7 +120,7 @@ class LearningConfig(_Section):
     olap_p50_ms: float = Field(10.0, gt=0)            # OLAP template: an analytical read with p50 at least this
     scheduled_regularity: float = Field(0.8, gt=0, le=1)  # share of inter-arrival gaps within 10% of their median
     anomaly_threshold: float = Field(0.5, gt=0)       # flag statements scoring at least this
-    anomaly_slow_tolerance: float = Field(0.002, ge=0, lt=1)  # share of training traffic allowed to look slow
+    anomaly_slow_tolerance: float = Field(0.001, ge=0, lt=1)  # share of training traffic allowed to look slow
     cache_lookup_us: float = Field(20.0, ge=0)        # cost of a cache lookup, paid on every read of a cached template
     cache_byte_cost_us: float = Field(0.01, ge=0)     # cost of storing one byte, in microseconds of DB time
 
