@@ -82,7 +82,7 @@ class CacheConfig(_Section):
     analysis_timeout: float = Field(2.0, gt=0)   # seconds a catalog probe of one statement may take
     admission_warmup: int = Field(8, ge=0)       # fills admitted per template before its statistics decide
     admission_min_saved_us: float = Field(50.0, ge=0)   # Postgres time an entry must save (reuse x exec time)
-    admission_explore_every: int = Field(16, ge=1)       # a declined template is still admitted 1 in N times
+    admission_explore_every: int = Field(16, ge=1)       # a declined template is still explored 1 in N (up to 16N) times
     admission_size_scale: int = Field(65536, ge=1)       # bytes per extra min_saved_us required of an entry
     admission_lookup_us: float = Field(100.0, ge=0)      # what a missed lookup costs (0: hit ratio not judged)
 

@@ -14,7 +14,7 @@ class TemplateStats:
     """What the cache saw of one query template (cumulative since the proxy started)."""
 
     __slots__ = ("template", "key", "offered", "admitted", "hits", "exec_us_sum", "bytes_sum", "declined",
-                 "skipped", "exec_us_floor", "recent_lookups", "recent_hits")
+                 "skipped", "exec_us_floor", "recent_lookups", "recent_hits", "explore_gap")
 
     def __init__(self, template: str, key: str | None = None):
         self.template = template                  # a text of the template (the first seen)
@@ -29,6 +29,7 @@ class TemplateStats:
         self.exec_us_floor = 0.0   # tracks the fastest recent executions: the service time a hit saves
         self.recent_lookups = 0    # lookups that reached the shared tier (hit or miss), halved every 1024
         self.recent_hits = 0
+        self.explore_gap = 0       # executions between explorations while declined (0: the configured one)
 
     def executed(self, exec_us: int) -> None:
         """One execution on Postgres (a miss offered as a fill)."""

@@ -457,12 +457,14 @@ class ResultCache:
         declined `admission_warmup` times (each admission forgets an eighth of the count; counted as
         bypass:not_admitted), except 1 in `admission_explore_every` executions, which explore (True: their
         results are stored, keeping the template's statistics current); False for an admitted template.
+        The gap between explorations doubles after each one that leaves the template declined, up to
+        16 x admission_explore_every, and starts again from admission_explore_every once lookups resume.
         Decided before the key is built, so a declined template costs one counter."""
         stats = verdict.stats or self.template_stats(verdict)
         if stats.declined < self._skip_after:
             return False
         stats.skipped += 1
-        if stats.skipped % self._explore_every:
+        if stats.skipped % (stats.explore_gap or self._explore_every):
             self.bypass["not_admitted"] += 1
             return None
         return True
@@ -625,6 +627,10 @@ class ResultCache:
             if not explore:
                 self.fills_rejected["not_admitted"] += 1
                 return
+        if stats.declined < self._skip_after:
+            stats.explore_gap = 0      # looked up again: a later decline explores from the start
+        elif explore:                  # still declined: explore half as often (each costs a lookup and a store)
+            stats.explore_gap = min(2 * (stats.explore_gap or self._explore_every), 16 * self._explore_every)
         if self.store.shared:
             # Bytes stored within the last TTL, in one-second buckets: an estimate of what is still in Redis.
             now = time.monotonic()

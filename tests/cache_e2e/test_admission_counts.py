@@ -51,3 +51,19 @@ def test_each_execution_of_a_declined_template_is_counted_once(declining_proxy, 
         moved = delta(before, outcomes(proxy))
     assert sum(moved.values()) == RUNS, moved
     assert moved.get("bypass:not_admitted", 0) >= RUNS // 2, moved
+
+
+def test_a_template_declined_again_and_again_is_explored_ever_more_rarely(declining_proxy):
+    proxy, dbname = declining_proxy
+    with connect(proxy, dbname) as conn:
+        for _ in range(40):
+            conn.execute(WRITE)
+            conn.execute(READ).fetchall()
+        before = outcomes(proxy)
+        for _ in range(4 * RUNS):
+            conn.execute(WRITE)
+            assert conn.execute(READ).fetchall() == [("one",)]
+        moved = delta(before, outcomes(proxy))
+    looked_up = moved.get("hits", 0) + moved.get("misses", 0)
+    # 1 in 4 at first (admission_explore_every), half as often after each declined exploration, down to 1 in 64.
+    assert 1 <= looked_up <= 4 * RUNS // 16, moved
