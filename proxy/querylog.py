@@ -24,14 +24,15 @@ Contract with the session
 
 The writer
 ----------
-A background task takes the queue in batches (`batch_size`, or whatever is there every `flush_interval`),
-turns them into rows (compact: references to the analysis and the session, expanded only for the spool),
-feeds the in-memory `QueryStats` (for SHOW QUERIES), and hands the rows to a second task that
-owns one asyncpg connection to the store: it upserts new templates and COPYs the rows in one transaction,
-grouped (one pgpilot.query_event_groups row per template, session, protocol, cache outcome and rewrite, the
-per-statement values in arrays; readers see one row per statement in the pgpilot.query_events view), keeps
-tomorrow's partitions created and drops partitions older than `retention_days`. Spool replays go to
-pgpilot.query_event_rows, one row per statement. When the store is slow or away, batches spill to a bounded spool on local disk and are
+As the feed hands records over (every 20 ms), the query log folds them into groups: statements that share
+their analysis, session, protocol, cache outcome and rewrite, their own values (times, counts, SQLSTATE, pid,
+transaction, score) in one list per field. It also feeds the in-memory `QueryStats` (for SHOW QUERIES) then.
+A background task takes the groups as a batch (once `batch_size` records wait, or every `flush_interval`) and
+hands them to a second task that owns one asyncpg connection to the store: it upserts new templates and COPYs
+one pgpilot.query_event_groups row per group (the per-statement values in arrays; readers see one row per
+statement in the pgpilot.query_events view) in one transaction, keeps tomorrow's partitions created and drops
+partitions older than `retention_days`. Spool replays go to pgpilot.query_event_rows, one row per statement.
+When the store is slow or away, batches spill to a bounded spool on local disk and are
 replayed (at least once) after reconnecting with backoff. When the queue or the spool is full, events are
 dropped, counted exactly in `dropped`, and reported by a rate-limited log line.
 
@@ -326,7 +327,6 @@ _PARTITION_DAY = re.compile(r"_(\d{8})$")   # query_event_groups_YYYYMMDD (or qu
 _DAY = 86400
 _EPOCH = dt.date(1970, 1, 1)
 _UTC = dt.timezone.utc
-_ANALYSE_SLICE = 0.001        # seconds of analysis between two yields to the event loop
 _FEED_INTERVAL = 0.02         # seconds between two takes of the feed, at most: small batches, short pauses
 _SPOOL_LINE_ROWS = 200        # rows per spool line (one JSON document)
 _COPY_ROWS = 1000             # rows per COPY statement (a batch may take several, in one transaction)
@@ -357,32 +357,102 @@ def _redacted(dsn: str) -> str:
 
 
 class _Batch:
-    """Analysed rows ready for the store, with the templates among them that the store may not know yet."""
+    """Analysed statements ready for the store, with the templates among them that the store may not know yet."""
 
-    __slots__ = ("rows", "templates", "events", "compact")
+    __slots__ = ("rows", "groups", "templates", "events")
 
-    def __init__(self, rows: list[tuple], templates: dict[str, list], events: int, compact: bool = False):
-        # Tuples in COLUMNS order, ts as epoch seconds; or, compact, in COMPACT order (the statement's
-        # StatementInfo and the SessionInfo in place of their columns), as the writer makes them.
-        self.rows = rows
+    def __init__(self, rows: list[tuple] | None, templates: dict[str, list], events: int,
+                 groups: "list[_Group] | None" = None):
+        # Either groups of statements (as the writer makes them) or full rows (tuples in COLUMNS order, ts as epoch
+        # seconds: spool replays).
+        self.rows = rows if rows is not None else []
+        self.groups = groups
         # fingerprint -> [normalized_sql, kind, tables_read, tables_written, sample_sql, first_seen, last_seen]
         self.templates = templates
         self.events = events            # submitted events this batch settles (0 for spool replays)
-        self.compact = compact
+
+    def __len__(self) -> int:
+        """Statements (log rows) in the batch."""
+        return sum(map(len, self.groups)) if self.groups is not None else len(self.rows)
+
+    def clear(self) -> None:
+        self.rows, self.groups = [], None
 
     def full_rows(self, proxy_id: str) -> list[tuple]:
-        if not self.compact:
+        if self.groups is None:
             return self.rows
+        return [row for g in self.groups for row in g.full_rows(proxy_id)]
+
+
+class _Group:
+    """Statements that share one query_event_groups row (statement analysis, session, protocol, cache outcome,
+    rewrite), their own values kept in columns: a batch holds a few lists per group, not an object per statement
+    (which the cyclic garbage collector would walk again and again while the batch waits for the store)."""
+
+    __slots__ = ("statement", "session", "protocol", "cache_outcome", "rewrite", "ts", "duration", "wait", "rows",
+                 "bytes_out", "sqlstate", "pid", "xact", "in_xact", "score", "params")
+
+    def __init__(self, statement: StatementInfo, session: "SessionInfo", protocol: str, cache_outcome, rewrite):
+        self.statement = statement
+        self.session = session
+        self.protocol = protocol
+        self.cache_outcome = cache_outcome
+        self.rewrite = rewrite
+        self.ts: list = []
+        self.duration: list = []
+        self.wait: list = []
+        self.rows: list = []
+        self.bytes_out: list = []
+        self.sqlstate: list = []
+        self.pid: list = []
+        self.xact: list = []
+        self.in_xact: list = []
+        self.score: list = []
+        self.params: list = []
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def add(self, ts, duration, wait, nrows, nbytes, sqlstate, pid, xact, in_xact, score, params) -> None:
+        self.ts.append(ts)
+        self.duration.append(duration)
+        self.wait.append(wait)
+        self.rows.append(nrows)
+        self.bytes_out.append(nbytes)
+        self.sqlstate.append(sqlstate)
+        self.pid.append(pid)
+        self.xact.append(xact)
+        self.in_xact.append(in_xact)
+        self.score.append(score)
+        self.params.append(params)
+
+    def columns(self) -> tuple[list, ...]:
+        return (self.ts, self.duration, self.wait, self.rows, self.bytes_out, self.sqlstate, self.pid, self.xact,
+                self.in_xact, self.score, self.params)
+
+    def by_day(self) -> "list[tuple[float, float, _Group]]":
+        """(earliest ts, latest ts, group) for each day the statements fall on: a row goes to one day's partition."""
+        first, last = min(self.ts), max(self.ts)
+        if _day_of(first) == _day_of(last):
+            return [(first, last, self)]
+        days: dict[int, _Group] = {}
+        for values in zip(*self.columns()):
+            day = _day_of(values[0])
+            g = days.get(day)
+            if g is None:
+                g = days[day] = _Group(self.statement, self.session, self.protocol, self.cache_outcome, self.rewrite)
+            g.add(*values)
+        return [(min(g.ts), max(g.ts), g) for g in days.values()]
+
+    def full_rows(self, proxy_id: str) -> list[tuple]:
+        s, who = self.statement, self.session
         return [(ts, dur, wait, s.fingerprint, s.kind, s.tables_read, s.tables_written, nrows, nbytes, sqlstate,
-                 who.database, who.username, who.application_name, who.store_addr, pid, xact, in_xact, protocol,
-                 cache_outcome, rewrite, score, proxy_id, params)
-                for (ts, dur, wait, s, nrows, nbytes, sqlstate, who, pid, xact, in_xact, protocol, cache_outcome,
-                     rewrite, score, params) in self.rows]
+                 who.database, who.username, who.application_name, who.store_addr, pid, xact, in_xact, self.protocol,
+                 self.cache_outcome, self.rewrite, score, proxy_id, params)
+                for ts, dur, wait, nrows, nbytes, sqlstate, pid, xact, in_xact, score, params in zip(*self.columns())]
 
 
-# A compact row: a log row before expansion, with references to the statement's analysis and its session.
-COMPACT = ("ts", "duration_us", "wait_us", "statement", "rows", "bytes_out", "sqlstate", "session", "backend_pid",
-           "xact_id", "in_transaction", "protocol", "cache_outcome", "rewrite", "anomaly_score", "parameters")
+_GROUP_MAX = 1000   # statements per group, at most: bounds a row's arrays and the time to encode one COPY
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -427,61 +497,34 @@ class CopyTextEncoder:
         lines.append("")
         return "\n".join(lines).encode("utf-8", "replace")
 
-    @staticmethod
-    def group(rows: list[tuple]) -> list[tuple]:
-        """Compact rows by what query_event_groups shares (statement, session, protocol, cache outcome, rewrite)
-        and by day: (earliest ts, rows, fingerprint, latest ts) per group, in order of first appearance."""
-        groups: dict[tuple, list] = {}
-        for r in rows:
-            key = (r[3], r[7], r[11], r[12], r[13])
-            g = groups.get(key)
-            if g is None:
-                groups[key] = [r]
-            else:
-                g.append(r)
-        out = []
-        for key, members in groups.items():
-            ts = [r[0] for r in members]
-            first, last = min(ts), max(ts)
-            if _day_of(first) == _day_of(last):
-                out.append((first, members, key[0].fingerprint, last))
-                continue
-            by_day: dict[int, list] = {}   # a group goes to one day's partition: split at midnight
-            for r in members:
-                by_day.setdefault(_day_of(r[0]), []).append(r)
-            for day_members in by_day.values():
-                ts = [r[0] for r in day_members]
-                out.append((min(ts), day_members, key[0].fingerprint, max(ts)))
-        return out
-
-    def encode_groups(self, groups: list[tuple], proxy_id: str) -> bytes:
-        """COPY text of query_event_groups rows (GROUP_COLUMNS) for groups made by `group`."""
+    def encode_groups(self, groups: "list[tuple[float, float, _Group]]", proxy_id: str) -> bytes:
+        """COPY text of query_event_groups rows (GROUP_COLUMNS), one per (earliest ts, latest ts, group)."""
         tails = self._tails
         N = "\\N"
         origin = _copy_text(proxy_id)
         lines = []
-        for first, members, _, _ in groups:
-            (ts, duration, wait, (s,), nrows, nbytes, sqlstate, (who,), pid, xact, in_xact, (protocol,),
-             (cache_outcome,), (rewrite,), score, params) = (
-                 col if i not in _SHARED else col[:1] for i, col in enumerate(zip(*members)))
+        for first, _, g in groups:
+            s = g.statement
             stmt = s.copy_text
             if stmt is None:
                 stmt = s.copy_text = "\t".join((_copy_text(s.fingerprint), _copy_text(s.kind),
                                                 self._array_field(s.tables_read), self._array_field(s.tables_written)))
-            tail = tails.get((protocol, cache_outcome, rewrite))
+            tail = tails.get((g.protocol, g.cache_outcome, g.rewrite))
             if tail is None:
                 if len(tails) > 1000:
                     tails.clear()
-                tail = tails[protocol, cache_outcome, rewrite] = "\t".join(
-                    _copy_text(v) for v in (protocol, cache_outcome, rewrite))
+                tail = tails[g.protocol, g.cache_outcome, g.rewrite] = "\t".join(
+                    _copy_text(v) for v in (g.protocol, g.cache_outcome, g.rewrite))
             base = int(first * 1e6)
-            n = len(ts)
+            n = len(g.ts)
+            sqlstate, in_xact, score, params = g.sqlstate, g.in_xact, g.score, g.params
             lines.append("\t".join((
-                self._timestamp_us(base), stmt, who.copy_text, tail, origin,
-                "{" + ",".join(map(str, [int(t * 1e6) - base for t in ts])) + "}",
-                _int_array(duration), _int_array(wait), _int_array(nrows), _int_array(nbytes),
+                self._timestamp_us(base), stmt, g.session.copy_text, tail, origin,
+                "{" + ",".join(map(str, [int(t * 1e6) - base for t in g.ts])) + "}",
+                _int_array(g.duration), N if not any(g.wait) else _int_array(g.wait), _int_array(g.rows),
+                _int_array(g.bytes_out),
                 N if sqlstate.count(None) == n else _copy_text(_array_literal(sqlstate)),
-                _int_array(pid), _int_array(xact),
+                _int_array(g.pid), _int_array(g.xact),
                 N if in_xact.count(None) == n else "{" + ",".join(map(_BOOL_ELEMENT.__getitem__, in_xact)) + "}",
                 N if score.count(None) == n else "{" + ",".join("NULL" if v is None else repr(float(v))
                                                                 for v in score) + "}",
@@ -522,11 +565,10 @@ class CopyTextEncoder:
         return literal
 
 
-_SHARED = (3, 7, 11, 12, 13)   # compact row fields every member of a group has in common
 _BOOL_ELEMENT = {True: "t", False: "f", None: "NULL"}
 
 
-def _int_array(values: tuple) -> str:
+def _int_array(values: list) -> str:
     """COPY text of an integer array (NULL elements allowed); \\N when every element is NULL."""
     if None in values:
         if values.count(None) == len(values):
@@ -731,8 +773,12 @@ class QueryLog:
         self.feed = StatementFeed(self.analyzer, min(cfg.flush_interval, _FEED_INTERVAL))
         self.feed.query_log = self
         self._events: list = []                  # submit()ted events, counted, not yet taken by the feed
-        self._queue: deque[tuple] = deque()      # (records, analyses, scores or None) chunks, analysed
-        self._queued = 0                         # records in _queue and _events
+        # Analysed records, folded into groups as the feed hands them over, until the next batch is taken.
+        self._open: dict[tuple, _Group] = {}
+        self._closed: list[_Group] = []          # groups that reached _GROUP_MAX statements
+        self._open_templates: dict[str, list] = {}
+        self._open_events = 0                    # records folded into them
+        self._queued = 0                         # records folded and in _events
         self._queue_size = cfg.queue_size
         self._batch_size = cfg.batch_size
         self._wakeup: asyncio.Future | None = None
@@ -803,8 +849,9 @@ class QueryLog:
             self._note_dropped(lost, "queue full")
         if not records:
             return
-        self._queue.append((records, infos, scores))
-        self._queued += len(records)
+        folded = self._fold(records, infos, scores)
+        self._open_events += folded
+        self._queued += folded
         if self._queued >= self._batch_size:
             self._wake()
 
@@ -862,9 +909,9 @@ class QueryLog:
             self._inflight = None
         while self._outbox:
             self._spool_batch(self._outbox.popleft())
-        n = sum(len(chunk[0]) for chunk in self._queue) + len(self._events) + len(self.feed.records)
+        n = self._open_events + len(self._events) + len(self.feed.records)
         if n:
-            self._queue.clear()
+            self._open, self._closed, self._open_templates, self._open_events = {}, [], {}, 0
             self._events = []
             self.submitted += len(self.feed.records)
             self.feed.records.clear()
@@ -912,7 +959,7 @@ class QueryLog:
     async def _analyse_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            if not self._open_events:
                 if self._closing:
                     return
                 fut = loop.create_future()
@@ -923,7 +970,7 @@ class QueryLog:
                 finally:
                     timer.cancel()
                     self._wakeup = None
-            while self._queue:
+            if self._open_events:
                 if self.before_batch is not None:
                     try:
                         self.before_batch()
@@ -931,50 +978,27 @@ class QueryLog:
                         if time.monotonic() >= self._hook_log_at:
                             log.exception("query log: the before_batch hook failed")
                             self._hook_log_at = time.monotonic() + 60
-                records, infos, scores = self._next_batch()
-                n = len(records)
-                try:
-                    batch = await self._analyse(records, infos, scores)
-                except Exception:  # never lose the writer to a bug: count and carry on
-                    log.exception("query log: analysing a batch failed; %d events dropped", n)
-                    self._settled += n
-                    self._note_dropped(n, "analysis failed")
-                    continue
-                await self._hand_over(batch)
+                await self._hand_over(self._take_batch())
 
-    def _next_batch(self) -> tuple[list, list, list | None]:
-        """Up to batch_size records from the queue's chunks, with their analyses and scores."""
-        q = self._queue
-        records, infos, scores = q.popleft()
-        if len(records) > self._batch_size:
-            k = self._batch_size
-            q.appendleft((records[k:], infos[k:], scores[k:] if scores is not None else None))
-            records, infos, scores = records[:k], infos[:k], scores[:k] if scores is not None else None
-        while q and len(records) + len(q[0][0]) <= self._batch_size:
-            more, more_infos, more_scores = q.popleft()
-            if scores is not None or more_scores is not None:
-                scores = (scores if scores is not None else [None] * len(records)) + (
-                    more_scores if more_scores is not None else [None] * len(more))
-            records = records + more
-            infos = infos + more_infos
-        self._queued -= len(records)
-        return records, infos, scores
+    def _take_batch(self) -> _Batch:
+        """Everything folded so far, as one batch."""
+        groups = self._closed
+        groups.extend(self._open.values())
+        batch = _Batch(None, self._open_templates, self._open_events, groups=groups)
+        self._queued -= self._open_events
+        self._open, self._closed, self._open_templates, self._open_events = {}, [], {}, 0
+        return batch
 
-    async def _analyse(self, records: list[tuple], infos: list, scores: list | None) -> _Batch:
-        rows: list[tuple] = []
-        append = rows.append
-        templates: dict[str, list] = {}
+    def _fold(self, records: list[tuple], infos: list, scores: list | None) -> int:
+        """Add analysed records to their groups (statement, session, protocol, cache outcome, rewrite); returns
+        how many were folded (the others are dropped and counted)."""
+        groups = self._open
+        templates = self._open_templates
         known = self._known
         observe = self.query_stats.observe
         with_params = self.cfg.parameters
-        settled = len(records)
-        slice_start = time.perf_counter()
-        if scores is None:
-            scores = [None] * settled
+        folded = 0
         for i, rec in enumerate(records):
-            if not i & 255 and time.perf_counter() - slice_start > _ANALYSE_SLICE:
-                await asyncio.sleep(0)
-                slice_start = time.perf_counter()
             info = infos[i]
             try:
                 if info is None:
@@ -982,30 +1006,38 @@ class QueryLog:
                 stmts = info.statements
                 idx = rec[R_STMT]
                 params = self._parameters(rec, info) if with_params else None
+                score = scores[i] if scores is not None else None
                 if len(stmts) == 1 or idx is not None:
                     if idx is not None and 0 <= idx < len(stmts):
-                        s, params = stmts[idx], self._statement_params(params, stmts, idx, rec)
+                        s = stmts[idx]
+                        if params is not None:
+                            params = self._statement_params(params, stmts, idx, rec)
                     else:
                         s = info if len(stmts) > 1 else stmts[0]
-                    score = scores[i]
                     (ts, duration, wait, _, nrows, nbytes, sqlstate, who, pid, xact, in_xact, _, _, cache_outcome,
                      rewrite, own_score) = rec
-                    append((ts, duration, wait, s, nrows, nbytes, sqlstate, who, pid, xact, in_xact,
-                            "extended" if idx == -1 else "simple", cache_outcome, rewrite,
-                            own_score if score is None else score, params))
                     observe(s.fingerprint, s.normalized, s.kind, duration, nrows, sqlstate is not None)
+                    key = (s, who, idx == -1, cache_outcome, rewrite)
+                    g = groups.get(key)
+                    if g is None:
+                        g = groups[key] = _Group(s, who, "extended" if idx == -1 else "simple", cache_outcome,
+                                                 rewrite)
+                    g.add(ts, duration, wait, nrows, nbytes, sqlstate, pid, xact, in_xact,
+                          own_score if score is None else score, params)
+                    if len(g.ts) >= _GROUP_MAX:
+                        self._closed.append(groups.pop(key))
                     if s.fingerprint not in known:
                         self._note_template(templates, s, rec, idx if len(stmts) > 1 else None, ts)
                 else:
-                    self._split(rec, stmts, params, scores[i], rows, templates, observe)
+                    self._split(rec, stmts, params, score, templates, observe)
+                folded += 1
             except Exception:
                 self._settled += 1
-                settled -= 1
                 self._note_dropped(1, "malformed event")
                 log.debug("query log: malformed event dropped", exc_info=True)
-        return _Batch(rows, templates, settled, compact=True)
+        return folded
 
-    def _split(self, rec: tuple, stmts: tuple[StatementInfo, ...], params, score, rows, templates, observe) -> None:
+    def _split(self, rec: tuple, stmts: tuple[StatementInfo, ...], params, score, templates, observe) -> None:
         k = len(stmts)
         (ts, duration, wait, _, nrows, nbytes, sqlstate, who, pid, xact, in_xact, idx, _, cache_outcome,
          rewrite, own_score) = rec
@@ -1014,11 +1046,16 @@ class QueryLog:
             last = i == k - 1
             share = duration // k + (duration % k if last else 0)
             bshare = nbytes // k + (nbytes % k if last else 0)
-            row = (ts, share, wait if i == 0 else 0, s, nrows if last else None, bshare, sqlstate if last else None,
-                   who, pid, xact, in_xact, protocol, cache_outcome, rewrite, own_score if score is None else score,
-                   self._statement_params(params, stmts, i, rec))
-            rows.append(row)
-            observe(s.fingerprint, s.normalized, s.kind, share, row[4], row[6] is not None)
+            srows, ssqlstate = (nrows, sqlstate) if last else (None, None)
+            observe(s.fingerprint, s.normalized, s.kind, share, srows, ssqlstate is not None)
+            key = (s, who, idx == -1, cache_outcome, rewrite)
+            g = self._open.get(key)
+            if g is None:
+                g = self._open[key] = _Group(s, who, protocol, cache_outcome, rewrite)
+            g.add(ts, share, wait if i == 0 else 0, srows, bshare, ssqlstate, pid, xact, in_xact,
+                  own_score if score is None else score, self._statement_params(params, stmts, i, rec))
+            if len(g.ts) >= _GROUP_MAX:
+                self._closed.append(self._open.pop(key))
             if s.fingerprint not in self._known:
                 self._note_template(templates, s, rec, i, ts)
 
@@ -1058,7 +1095,7 @@ class QueryLog:
                                     ts, ts]
 
     async def _hand_over(self, batch: _Batch) -> None:
-        if not batch.rows:
+        if not len(batch):
             self._settled += batch.events
             return
         # A busy store gets up to write_timeout to make room (events wait in the queue meanwhile);
@@ -1078,7 +1115,7 @@ class QueryLog:
             self._spool_batch(batch)
 
     def _spool_batch(self, batch: _Batch) -> None:
-        n = len(batch.rows)
+        n = len(batch)
         kept = self._spool.append(batch) if n else 0
         self.spooled += kept
         if kept < n:
@@ -1121,7 +1158,7 @@ class QueryLog:
                     self._outbox_space.set()
                     await self._ship(batch)
                     self._inflight = None
-                    self.written += len(batch.rows)
+                    self.written += len(batch)
                     self._settled += batch.events
                 elif self._store_closing:
                     await self._refresh_last_seen()
@@ -1231,33 +1268,32 @@ class QueryLog:
             if _is_transient(e):
                 raise
             log.error("query log store refused a batch of %d rows (%s; first %s): dropped",
-                      len(batch.rows), e, first_error)
-            self._note_dropped(len(batch.rows), "refused by the store")
-            batch.rows = []
+                      len(batch), e, first_error)
+            self._note_dropped(len(batch), "refused by the store")
+            batch.clear()
 
     async def _write(self, batch: _Batch) -> None:
         conn = self._conn
         if conn is None:
             raise _TransientStoreError("not connected")
         rows = batch.rows
-        if batch.compact:
-            # Grouped as they will be stored: a group goes to the partition of its earliest statement.
-            chunks = [self._encoder.group(rows[start:start + _COPY_ROWS]) for start in range(0, len(rows), _COPY_ROWS)]
-            days = {_day_of(g[0]) for groups in chunks for g in groups}
+        grouped = batch.groups is not None
+        if grouped:
+            parts = [part for g in batch.groups for part in g.by_day()]   # (earliest ts, latest ts, group)
+            days = {_day_of(first) for first, _, _ in parts}
         else:
             days = {_day_of(r[0]) for r in rows}
         missing = days - self._partitions
         if missing:
             expired = await self._create_partitions(missing)
             if expired:
-                if batch.compact:
-                    kept_chunks = [[g for g in groups if _day_of(g[0]) not in expired] for groups in chunks]
-                    kept = [r for groups in kept_chunks for g in groups for r in g[1]]
-                    chunks = kept_chunks
+                before = len(batch)
+                if grouped:
+                    parts = [p for p in parts if _day_of(p[0]) not in expired]
+                    batch.groups = [g for _, _, g in parts]
                 else:
-                    kept = [r for r in rows if _day_of(r[0]) not in expired]
-                self._note_dropped(len(rows) - len(kept), "older than retention_days")
-                batch.rows = rows = kept
+                    batch.rows = rows = [r for r in rows if _day_of(r[0]) not in expired]
+                self._note_dropped(before - len(batch), "older than retention_days")
         new = sorted((fp, t) for fp, t in batch.templates.items() if fp not in self._known)
         async with self._conn_lock:
             async with conn.transaction():
@@ -1267,12 +1303,17 @@ class QueryLog:
                          dt.datetime.fromtimestamp(t[6], _UTC), t[4]) for fp, t in new])
                 # Several COPYs of a bounded size, so encoding never holds the event loop for long. A memoryview:
                 # asyncpg reads a file object in an executor thread, and takes bytes for a path.
-                if batch.compact:
-                    for groups in chunks:
-                        if groups:
-                            data = self._encoder.encode_groups(groups, self.proxy_id)
-                            await conn.copy_to_table("query_event_groups", schema_name="pgpilot",
-                                                     columns=GROUP_COLUMNS, source=memoryview(data), format="text")
+                if grouped:
+                    start = 0
+                    while start < len(parts):
+                        end, n = start, 0
+                        while end < len(parts) and (n < _COPY_ROWS or end == start):
+                            n += len(parts[end][2])
+                            end += 1
+                        data = self._encoder.encode_groups(parts[start:end], self.proxy_id)
+                        await conn.copy_to_table("query_event_groups", schema_name="pgpilot", columns=GROUP_COLUMNS,
+                                                 source=memoryview(data), format="text")
+                        start = end
                 else:
                     for start in range(0, len(rows), _COPY_ROWS):
                         data = self._encoder.encode(rows[start:start + _COPY_ROWS])
@@ -1282,11 +1323,11 @@ class QueryLog:
         if len(self._known) > 200_000:
             self._known = {fp for fp, _ in new}
         seen = self._last_seen
-        if batch.compact:
-            for groups in chunks:
-                for first, _, fp, last in groups:
-                    if last > seen.get(fp, 0.0):
-                        seen[fp] = last
+        if grouped:
+            for _, last, g in parts:
+                fp = g.statement.fingerprint
+                if last > seen.get(fp, 0.0):
+                    seen[fp] = last
         else:
             for r in rows:
                 if r[0] > seen.get(r[_FP], 0.0):
@@ -1310,8 +1351,8 @@ class QueryLog:
             if rows:
                 batch = _Batch(rows, templates, 0)
                 await self._ship(batch)
-                self.written += len(batch.rows)
-                self.replayed += len(batch.rows)
+                self.written += len(batch)
+                self.replayed += len(batch)
             replayed = True
         finally:
             self._spool.release(claim, replayed)
