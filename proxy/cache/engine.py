@@ -458,7 +458,8 @@ class ResultCache:
         bypass:not_admitted), except 1 in `admission_explore_every` executions, which explore (True: their
         results are stored, keeping the template's statistics current); False for an admitted template.
         The gap between explorations doubles after each one that leaves the template declined, up to
-        16 x admission_explore_every, and starts again from admission_explore_every once lookups resume.
+        16 x admission_explore_every, and starts again from admission_explore_every once lookups resume or an
+        exploration hits (the workload may have changed: explorations are how the template earns its way back).
         Decided before the key is built, so a declined template costs one counter."""
         stats = verdict.stats or self.template_stats(verdict)
         if stats.declined < self._skip_after:
@@ -540,6 +541,8 @@ class ResultCache:
             self.bypass[reason] += 1
             return None, None
         token = (tag, tables.version, explore)
+        if explore and stats is not None and (l1 is not None and l1.tag == tag or value is not None):
+            stats.explore_gap = 0      # a declined template's exploration hit: the workload may have changed
         if l1 is not None:
             if l1.tag == tag:
                 self.hits += 1

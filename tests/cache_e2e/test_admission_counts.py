@@ -67,3 +67,17 @@ def test_a_template_declined_again_and_again_is_explored_ever_more_rarely(declin
     looked_up = moved.get("hits", 0) + moved.get("misses", 0)
     # 1 in 4 at first (admission_explore_every), half as often after each declined exploration, down to 1 in 64.
     assert 1 <= looked_up <= 4 * RUNS // 16, moved
+
+
+def test_an_exploration_that_hits_brings_the_explorations_back_to_their_first_rate(declining_proxy):
+    proxy, dbname = declining_proxy
+    with connect(proxy, dbname) as conn:
+        for _ in range(4 * RUNS):     # declined, explorations stretched to 1 in 64
+            conn.execute(WRITE)
+            conn.execute(READ).fetchall()
+        before = outcomes(proxy)
+        for _ in range(4 * RUNS):     # the writes stop: each exploration finds the previous one's entry
+            assert conn.execute(READ).fetchall() == [("one",)]
+        moved = delta(before, outcomes(proxy))
+    # Back to 1 in 4 after the first hit (this fixture's bar declines every fill, so lookups never resume).
+    assert moved.get("hits", 0) >= 4 * RUNS // 4 - 64 // 4 - 2, moved
