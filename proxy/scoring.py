@@ -19,7 +19,9 @@ The row's per-statement part (statement shape, template history, sender familiar
 bytes, error, the sender's recent errors, parameters) are filled in per batch, with the same arithmetic as
 proxy.features (tests/models/test_rows.py checks both give the same rows). Scores are memoized by that part
 and the event's values bucketed to under 1 % (not with parameters), so a steady workload rarely calls the
-model at all.
+model at all. A steady batch (no errors, no parameters) is collected column by column in C loops (zip, map)
+rather than record by record, and a flagged key keeps the row and rule signals its class and reason come from,
+so a flag repeated within its key's bucket costs no feature row; the reason is put in words only when read.
 """
 from __future__ import annotations
 
@@ -171,21 +173,34 @@ class FlaggedStatement:
 
 
 class AnomalyFlag:
-    """One flagged statement, as SHOW ANOMALIES, the log line and the alert sinks show it."""
+    """One flagged statement, as SHOW ANOMALIES, the log line and the alert sinks show it.
 
-    __slots__ = ("flagged_at", "completed_at", "score", "cls", "reason", "fingerprint", "query", "database",
-                 "username", "application_name", "client_addr", "duration_us", "rows", "sqlstate", "model")
+    The reason is put in words when first read (from `why`: describe()'s arguments): a busy proxy flags more
+    statements than it logs, and most flags are never shown one by one."""
 
-    def __init__(self, **values):
-        for name in self.__slots__:
+    FIELDS = ("flagged_at", "completed_at", "score", "cls", "reason", "fingerprint", "query", "database",
+              "username", "application_name", "client_addr", "duration_us", "rows", "sqlstate", "model")
+    __slots__ = tuple(name for name in FIELDS if name != "reason") + ("_reason", "_why")
+
+    def __init__(self, *, reason: str | None = None, why: tuple | None = None, **values):
+        for name in self.__slots__[:-2]:
             setattr(self, name, values.get(name))
+        self._reason = reason
+        self._why = why
+
+    @property
+    def reason(self) -> str | None:
+        if self._reason is None and self._why is not None:
+            self._reason = describe(*self._why)
+            self._why = None
+        return self._reason
 
     @property
     def delay_ms(self) -> float:
         return (self.flagged_at - self.completed_at) * 1000.0
 
     def as_dict(self) -> dict:
-        d = {name: getattr(self, name) for name in self.__slots__}
+        d = {name: getattr(self, name) for name in self.FIELDS}
         d["class"] = d.pop("cls")
         d["delay_ms"] = round(self.delay_ms, 3)
         d["score"] = round(float(self.score), 4)
@@ -212,7 +227,9 @@ class AnomalyScorer:
         self.recent: deque[AnomalyFlag] = deque(maxlen=cfg.recent_flags)
         self._errors = RecentErrors()
         self._static: dict[tuple, StatementRow] = {}
+        self._by_record: dict[tuple, StatementRow] = {}   # (analysis, statement index, session) -> its fixed part
         self._memo: dict[tuple, float] = {}          # (fixed part, buckets, SQLSTATE, recent errors) -> score
+        self._flag_rows: dict[tuple, tuple] = {}     # flagged memo key -> (its feature row, its rule signals)
         self.feed: StatementFeed | None = None       # where finished statements come from (ServedModels sets it)
         self._log_allowance = cfg.log_max_per_second
         self._log_checked = time.monotonic()
@@ -237,7 +254,9 @@ class AnomalyScorer:
         self.context = model.context if model is not None else None
         self._run = _runner(model) if model is not None else None
         self._static.clear()
+        self._by_record.clear()
         self._memo.clear()
+        self._flag_rows.clear()
 
     @property
     def threshold(self) -> float:
@@ -324,6 +343,10 @@ class AnomalyScorer:
     def _collect(self, records: list[tuple], infos: list) -> "_Facts":
         """What the rows need of each record that has an analysis (stateful: recent errors)."""
         errors = self.context.recent_errors if self.context is not None else self._errors
+        if not errors and not self.with_parameters and None not in infos:
+            f = self._collect_columns(records, infos)
+            if f is not None:
+                return f
         observe = errors.observe
         static = self._static
         f = _Facts()
@@ -356,6 +379,39 @@ class AnomalyScorer:
                 recent.append(0)
             if params is not None:
                 params.append(self._parameters(rec, info, idx))
+        return f
+
+    def _collect_columns(self, records: list[tuple], infos: list) -> "_Facts | None":
+        """_collect for a batch without errors, parameters or unanalysed texts (the steady state): column by column,
+        in C loops (zip, map), with the fixed parts found by (analysis, statement index, session); None when the
+        batch has an error (then the sender's recent errors must be counted record by record)."""
+        n = len(records)
+        cols = tuple(zip(*records))
+        if cols[R_SQLSTATE].count(None) != n:
+            return None
+        keys = list(zip(infos, cols[R_STMT], cols[R_SESSION]))
+        by_record = self._by_record
+        parts = list(map(by_record.get, keys))
+        if None in parts:
+            static = self._static
+            for k, part in enumerate(parts):
+                if part is None:
+                    key = keys[k]
+                    part = by_record.get(key)
+                    if part is None:
+                        info, idx, who = key
+                        s = statement_of(info, idx)
+                        part = static.get((s, who))
+                        if part is None:
+                            part = self._static_row(s, who)
+                        by_record[key] = part
+                    parts[k] = part
+        f = _Facts()
+        f.parts, f.index, f.ts, f.dur = parts, list(range(n)), list(cols[R_TS]), list(cols[R_DURATION])
+        nrows, nbytes = list(cols[R_ROWS]), list(cols[R_BYTES])
+        f.nrows = [v or 0 for v in nrows] if None in nrows else nrows
+        f.nbytes = [v or 0 for v in nbytes] if None in nbytes else nbytes
+        f.failed, f.recent = [False] * n, [0] * n
         return f
 
     def _matrix(self, records: list[tuple], f: "_Facts", rows: list[int] | None = None) -> np.ndarray:
@@ -421,7 +477,9 @@ class AnomalyScorer:
             part = StatementRow(fingerprint, normalized, None, False, False, app, client)
         if len(self._static) >= _STATIC_LIMIT:
             self._static.clear()
+            self._by_record.clear()
             self._memo.clear()
+            self._flag_rows.clear()
         self._static[s, who] = part
         if self.on_template is not None:
             self.on_template(fingerprint, normalized)
@@ -447,8 +505,8 @@ class AnomalyScorer:
 
         A statement whose fixed part, SQLSTATE, recent errors and duration, rows and bytes (each within 1/128 of a
         log unit, under 1%) equal an earlier one's gets that one's score without a model call (the memo, not
-        used with parameters, which every row has its own of). Flagged statements get their own row for the
-        reason."""
+        used with parameters, which every row has its own of). A flagged statement's class and reason come from the
+        row of the first flagged statement of its memo key (its own row without the memo)."""
         source = self.source
         if source is None or not records:
             return None
@@ -464,9 +522,9 @@ class AnomalyScorer:
                          * _MEMO_STEPS).astype(np.int64).tolist()
             states = [records[i][R_SQLSTATE] for i in f.index] if any(f.failed) else f.failed
             keys = list(zip(parts, Q[0], Q[1], Q[2], states, f.recent))
-            got = [memo.get(k) for k in keys]
-            todo = [k for k in range(n) if got[k] is None]
-            if todo:
+            got = list(map(memo.get, keys))
+            if None in got:
+                todo = [k for k in range(n) if got[k] is None]
                 fresh: dict = {}
                 for k in todo:
                     fresh.setdefault(keys[k], k)
@@ -483,11 +541,29 @@ class AnomalyScorer:
             scores = self._model_scores(self._matrix(records, f))
         flagged = np.nonzero(scores >= self.threshold)[0].tolist()
         if flagged:
-            X = self._matrix(records, f, flagged)
-            signals = anomaly_signals(X) if self.model is not None else self._rule_signals(X)
             now = time.time()
-            for k, i in enumerate(flagged):
-                self._flag(records[f.index[i]], parts[i], X[k], float(scores[i]), signals[k], now)
+            if memo is not None:
+                # Flagged memo keys keep the row and rule signals their class and reason come from, as their score.
+                why = self._flag_rows
+                new_keys: dict = {}
+                for i in flagged:
+                    if keys[i] not in why:
+                        new_keys.setdefault(keys[i], i)
+                if new_keys:
+                    X = self._matrix(records, f, list(new_keys.values()))
+                    signals = self._signals(X)
+                    if len(why) + len(new_keys) > _MEMO_LIMIT:
+                        why.clear()
+                    for k, key in enumerate(new_keys):
+                        why[key] = (X[k], signals[k])
+                for i in flagged:
+                    x, signals_i = why[keys[i]]
+                    self._flag(records[f.index[i]], parts[i], x, float(scores[i]), signals_i, now)
+            else:
+                X = self._matrix(records, f, flagged)
+                signals = self._signals(X)
+                for k, i in enumerate(flagged):
+                    self._flag(records[f.index[i]], parts[i], X[k], float(scores[i]), signals[k], now)
         self.scored[source] += n
         self._account(f.ts, f.dur, started)
         values = scores.tolist()
@@ -497,6 +573,10 @@ class AnomalyScorer:
         for i, v in zip(f.index, values):
             out[i] = v
         return out
+
+    def _signals(self, X: np.ndarray) -> np.ndarray:
+        """The rule signals that name a flag's class."""
+        return anomaly_signals(X) if self.model is not None else self._rule_signals(X)
 
     def _model_scores(self, X: np.ndarray) -> np.ndarray:
         if self.model is not None:
@@ -538,7 +618,7 @@ class AnomalyScorer:
         ev = FlaggedStatement(rec)
         flag = AnomalyFlag(
             flagged_at=now, completed_at=ev.ts + ev.duration_us / 1e6, score=score, cls=cls,
-            reason=describe(cls, x, part, ev, self.context), fingerprint=part.fingerprint,
+            why=(cls, x, part, ev, self.context), fingerprint=part.fingerprint,
             query=part.normalized[:1000], database=ev.database, username=ev.username,
             application_name=ev.application_name, client_addr=ev.client_addr, duration_us=ev.duration_us,
             rows=ev.rows, sqlstate=ev.sqlstate, model=self.model.sha256[:12] if self.model is not None else "rules")
