@@ -299,12 +299,21 @@ def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
 
 def command_tag_rows(raw: bytes) -> int | None:
     """Rows affected/returned from a CommandComplete (raw message): 'SELECT 5', 'INSERT 0 3', 'UPDATE 2'."""
-    tag = raw[5:-1]
-    i = tag.rfind(b" ")
-    if i < 0:
-        return None
-    tail = tag[i + 1:]
-    return int(tail) if tail.isdigit() else None
+    rows = _tag_rows.get(raw, _UNSEEN)
+    if rows is _UNSEEN:
+        tag = raw[5:-1]
+        i = tag.rfind(b" ")
+        tail = tag[i + 1:]
+        rows = int(tail) if i >= 0 and tail.isdigit() else None
+        if len(_tag_rows) >= 4096:
+            _tag_rows.clear()
+        _tag_rows[raw] = rows
+    return rows
+
+
+# Tags repeat (every statement of a template often returns as many rows): one dictionary lookup, not a parse.
+_tag_rows: dict[bytes, int | None] = {}
+_UNSEEN = object()
 
 
 def unpack_i32(buf: bytes, pos: int) -> int:
