@@ -51,6 +51,7 @@ import heapq
 import ipaddress
 import json
 import logging
+import operator
 import os
 import random
 import re
@@ -255,21 +256,20 @@ class StatementFeed:
         regex. Texts with digits elsewhere (t1, $1, varchar(10) in DDL) are remembered by their exact text only.
         """
         by_text, by_shape = self._by_text, self._by_shape
-        infos = []
-        append = infos.append
-        for rec in records:
-            sql = rec[R_SQL]
-            info = by_text.get(sql)
-            if info is None:
-                shape = sql.translate(_ZERO_BYTES if type(sql) is bytes else _ZERO_STR)
-                info = by_shape.get(shape)
+        texts = list(map(_SQL_OF, records))
+        infos = list(map(by_text.get, texts))     # C loops: prepared and extended texts are all found here
+        if None in infos:
+            for i, info in enumerate(infos):
                 if info is None:
-                    try:
-                        info = self._analyse_new(sql, shape)
-                    except Exception:
-                        append(None)
-                        continue
-            append(info)
+                    sql = texts[i]
+                    shape = sql.translate(_ZERO_BYTES if type(sql) is bytes else _ZERO_STR)
+                    info = by_shape.get(shape)
+                    if info is None:
+                        try:
+                            info = self._analyse_new(sql, shape)
+                        except Exception:
+                            continue
+                    infos[i] = info
         return infos
 
     def _analyse_new(self, sql, shape) -> StatementInfo:
@@ -287,6 +287,7 @@ class StatementFeed:
         return info
 
 
+_SQL_OF = operator.itemgetter(R_SQL)
 _ZERO_BYTES = bytes.maketrans(b"123456789", b"000000000")
 _ZERO_STR = str.maketrans("123456789", "000000000")
 _DIGIT = re.compile(r"\d")
