@@ -731,6 +731,7 @@ class ClientSession(asyncio.Protocol):
             sql = raw[5:-1]
             v = cache.classify(sql, ctx)
             if not v.cacheable:
+                self._cache_req = _BYPASS     # decided (and counted): not again once a backend is attached
                 return False
             explore = cache.admission_turn(v)
             if explore is None:
@@ -804,6 +805,7 @@ class ClientSession(asyncio.Protocol):
         j += 1
         v = self.cache.classify(sql, ctx)
         if not v.cacheable:
+            self._cache_req = _BYPASS
             return None
         explore = self.cache.admission_turn(v)
         if explore is None:
