@@ -162,7 +162,7 @@ async def _copy_round(dsn: str, events: list[QueryEvent]) -> tuple[float, float]
                     ["pgbench_accounts"], [], e.rows, e.bytes_out, e.sqlstate, e.database, e.username,
                     e.application_name, e.client_addr, e.backend_pid, e.xact_id, e.in_transaction, e.protocol,
                     None, None, None, "bench", None) for e in events[i:i + 5000]]
-        await conn.copy_records_to_table("query_events", schema_name="pgpilot", columns=COLUMNS, records=records)
+        await conn.copy_records_to_table("query_event_rows", schema_name="pgpilot", columns=COLUMNS, records=records)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     await conn.close()
     return cpu * 1e6 / len(events), len(events) / wall
