@@ -510,7 +510,7 @@ class AnomalyScorer:
         source = self.source
         if source is None or not records:
             return None
-        started = time.perf_counter()
+        started = time.thread_time()      # CPU time: on a loaded machine wall time counts preemption
         f = self._collect(records, infos)
         parts = f.parts
         if not parts:
@@ -536,10 +536,11 @@ class AnomalyScorer:
                     memo[key] = v
                 for k in todo:
                     got[k] = memo[keys[k]]
-            scores = np.array(got, dtype=np.float64)
+            values = got
         else:
-            scores = self._model_scores(self._matrix(records, f))
-        flagged = np.nonzero(scores >= self.threshold)[0].tolist()
+            values = self._model_scores(self._matrix(records, f)).tolist()
+        threshold = self.threshold
+        flagged = [k for k, v in enumerate(values) if v >= threshold]
         if flagged:
             now = time.time()
             if memo is not None:
@@ -558,15 +559,14 @@ class AnomalyScorer:
                         why[key] = (X[k], signals[k])
                 for i in flagged:
                     x, signals_i = why[keys[i]]
-                    self._flag(records[f.index[i]], parts[i], x, float(scores[i]), signals_i, now)
+                    self._flag(records[f.index[i]], parts[i], x, values[i], signals_i, now)
             else:
                 X = self._matrix(records, f, flagged)
                 signals = self._signals(X)
                 for k, i in enumerate(flagged):
-                    self._flag(records[f.index[i]], parts[i], X[k], float(scores[i]), signals[k], now)
+                    self._flag(records[f.index[i]], parts[i], X[k], values[i], signals[k], now)
         self.scored[source] += n
         self._account(f.ts, f.dur, started)
-        values = scores.tolist()
         if n == len(records):
             return values
         out: list = [None] * len(records)
@@ -598,8 +598,7 @@ class AnomalyScorer:
         return kept
 
     def _account(self, ts: list, dur: list, started: float) -> None:
-        finished = time.perf_counter()
-        self.busy_seconds += finished - started
+        self.busy_seconds += time.thread_time() - started
         self.batches += 1
         n = len(ts)
         self.batch_sum += n

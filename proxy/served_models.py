@@ -382,7 +382,7 @@ class ServedModels:
             yield CounterMetricFamily("pgpilot_anomaly_log_suppressed",
                                       "Flags not logged because of anomaly.log_max_per_second", value=s.log_suppressed)
             yield CounterMetricFamily("pgpilot_anomaly_scoring_cpu_seconds",
-                                      "Time spent scoring batches (features, model, flags)", value=s.busy_seconds)
+                                      "CPU time spent scoring batches (features, model, flags)", value=s.busy_seconds)
             yield _histogram("pgpilot_anomaly_scoring_delay_seconds",
                              "From a statement's completion to its score (queueing plus scoring)",
                              DELAY_BUCKETS, s.delay_counts, s.delay_sum)
