@@ -143,7 +143,7 @@ class AnomalyConfig(_Section):
     enabled: bool = True                         # score every finished statement (the learner's rules until a model)
     threshold: float | None = Field(None, gt=0)  # flag at this score (null: the model's own, else learning's)
     rules_without_model: bool = True             # with no model: flag injection shapes and error bursts by rule
-    score_interval: float = Field(0.02, gt=0)    # seconds a finished statement waits, at most, to be scored
+    score_interval: float = Field(0.04, gt=0)    # seconds a finished statement waits, at most, to be scored
     max_batch: int = Field(512, ge=1)            # statements scored per model call
     queue_size: int = Field(100_000, ge=100)     # statements waiting to be scored; beyond, not scored (counted)
     recent_flags: int = Field(1000, ge=1)        # flags kept for SHOW ANOMALIES
