@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -505,6 +506,9 @@ def install_event_loop_policy() -> None:
 async def serve(config: Config, config_path: str | None = None) -> int:
     server = ProxyServer(config, config_path)
     await server.start()
+    # What start-up built (modules, config, models, pools) lives as long as the process: out of the collector's
+    # generations, a full collection no longer walks it (the imports alone are ~71k objects, ~12 ms a collection).
+    gc.freeze()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, server.request_shutdown, True)
     loop.add_signal_handler(signal.SIGINT, server.request_shutdown, False)
