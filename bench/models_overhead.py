@@ -4,8 +4,8 @@ admission on, against the same proxy with both off, side by side.
     python -m bench.models_overhead [--rounds 3] [--duration 10] [--clients 16] [--protocols simple,extended,prepared]
                                     [--no-cache] [--query-log] [--json out.json] [--quick]
 
-One private PostgreSQL cluster (fsync off) gets `pgbench -i -s <scale>`. Its traffic (pgbench -S and -N through a
-logging proxy for a few seconds) is the log the learner's anomaly step trains on (learning.pipeline, exported to
+One private PostgreSQL cluster (fsync off) gets `pgbench -i -s <scale>`. Its traffic (pgbench -S and -N with the
+benchmark's client count through a logging proxy for a few seconds) is the log the learner's anomaly step trains on (learning.pipeline, exported to
 ONNX and promoted in a registry). The cache model is a stand-in that declines the pgbench read, as the learner's
 cache simulator decides for random keys that are never read twice before eviction (its own cache step skips a
 log whose labels are all "does not pay").
@@ -83,8 +83,10 @@ def pgbench(host: str, port: int, *args: str, timeout: float = 600) -> subproces
                           capture_output=True, text=True, timeout=timeout)
 
 
-def train_models(cluster: PgCluster, model_dir: Path, seconds: float) -> dict:
-    """The learner's anomaly model from logged pgbench traffic, and the stand-in cache model; returns their shas."""
+def train_models(cluster: PgCluster, model_dir: Path, seconds: float, clients: int) -> dict:
+    """The learner's anomaly model from logged pgbench traffic at the benchmark's own client count (the normal
+    latencies of a saturated machine are what it must learn: trained on lighter traffic it flags the load itself),
+    and the stand-in cache model; returns their shas."""
     import psycopg
 
     from learning.export import export_onnx
@@ -100,7 +102,7 @@ def train_models(cluster: PgCluster, model_dir: Path, seconds: float) -> dict:
                              "anomaly": {"enabled": False}, "models": {"enabled": False}}).start()
     try:
         for script in ("-S", "-N"):
-            pgbench(recorder.host, recorder.port, "-n", script, "-c", "4", "-j", "2", "-T", str(seconds))
+            pgbench(recorder.host, recorder.port, "-n", script, "-c", str(clients), "-j", "2", "-T", str(seconds))
     finally:
         recorder.stop()
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", cluster.host, "-p", str(cluster.port),
                         "-U", "postgres", DBNAME], check=True, capture_output=True)
         model_dir = Path(tempfile.mkdtemp(prefix="pgpilot-bench-models-"))
-        shas = train_models(cluster, model_dir, args.train_seconds)
+        shas = train_models(cluster, model_dir, args.train_seconds, args.clients)
         common = {"databases": {DBNAME: upstream_entry(cluster, DBNAME)}, "pool_size": args.pool_size,
                   "log_connections": False, "learning": {"model_dir": str(model_dir)},
                   "cache": {"enabled": not args.no_cache}, "query_log": {"enabled": args.query_log}}
