@@ -473,14 +473,8 @@ class CopyTextEncoder:
         self._tails: dict[tuple, str] = {}
 
     def _timestamp(self, ts: float) -> str:
-        """COPY text of a UTC timestamp; the formatted second is reused by every row within it."""
-        whole = int(ts)
-        prefix = self._seconds.get(whole)
-        if prefix is None:
-            if len(self._seconds) > 4096:
-                self._seconds.clear()
-            prefix = self._seconds[whole] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
-        return f"{prefix}.{int((ts - whole) * 1e6):06d}+00"
+        """COPY text of a UTC timestamp given in seconds since the epoch."""
+        return self._timestamp_us(int(ts * 1e6))
 
     def encode(self, rows: list[tuple]) -> bytes:
         text, array, timestamp = self._text_field, self._array_field, self._timestamp
@@ -535,7 +529,8 @@ class CopyTextEncoder:
         return "\n".join(lines).encode("utf-8", "replace")
 
     def _timestamp_us(self, us: int) -> str:
-        """COPY text of a UTC timestamp given in whole microseconds since the epoch."""
+        """COPY text of a UTC timestamp given in whole microseconds since the epoch; the formatted second is
+        reused by every row within it."""
         whole, micro = divmod(us, 1_000_000)
         prefix = self._seconds.get(whole)
         if prefix is None:
