@@ -516,6 +516,7 @@ class ClientSession(asyncio.Protocol):
                 be.unnamed_key = None   # a simple Query destroys the unnamed statement
                 if effects:
                     if self._query_effects_now(effects, raw, cout):
+                        self._cache_req = None    # answered here: what the cache decided for it is spent
                         continue
                 pending.append(Pending(t, sql=sql, start=time.perf_counter(), effects=effects))
                 out.append(raw)
