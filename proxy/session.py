@@ -740,6 +740,7 @@ class ClientSession(asyncio.Protocol):
                 return False
             key = cache.key(ctx, sql, b"S")
             if not key:
+                self._cache_req = _BYPASS
                 return False
             req = CacheRequest(F_QUERY, sql, key, v, 1, explore)
         else:
@@ -815,6 +816,7 @@ class ClientSession(asyncio.Protocol):
         # The parameter types are part of the key: the same bytes mean another value under another type.
         key = self.cache.key(ctx, sql, (b"E1" if describe else b"E0") + bind[pos2:], body[types_at:])
         if not key:
+            self._cache_req = _BYPASS
             return None
         prefix = (P.PARSE_COMPLETE if parse_raw is not None else b"") + P.BIND_COMPLETE
         return CacheRequest(F_EXECUTE, sql, key, v, j - start, explore, prefix, parse_raw)

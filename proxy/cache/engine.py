@@ -471,7 +471,7 @@ class ResultCache:
         return True
 
     def lookup_soon(self, key: bytes, tables, done, arg, verdict: Verdict | None = None,
-                    explore: bool | None = None) -> str | None:
+                    explore: bool = False) -> str | None:
         """Queue a lookup: done(arg, entry or None, token or None) runs once the shared tier answered (a token
         without an entry: a miss whose result may fill the cache; neither: go to Postgres without filling).
 
@@ -480,17 +480,12 @@ class ResultCache:
         every write acknowledged before it began. A lookup never joins a call already sent. Returns the bypass
         reason instead (counted; `done` is not called) when no lookup can be made now.
 
-        With the statement's `verdict`, its template's admission (see `admission_turn`) is decided here, unless the
-        caller decided it already and passes `explore`."""
+        The caller decided the template's admission first (`admission_turn`): `explore` when this lookup explores
+        a declined template; the statement's `verdict` carries the statistics the answer updates."""
         reason = self._lookup_refusal(key, tables)
         stats = None
         if reason is None and verdict is not None:
             stats = verdict.stats or self.template_stats(verdict)
-            if explore is None:
-                explore = self.admission_turn(verdict)
-                if explore is None:
-                    return "not_admitted"
-        explore = bool(explore)
         if reason is not None:
             self.bypass[reason] += 1
             return reason
