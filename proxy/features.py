@@ -574,7 +574,7 @@ def _fit_rows(t: "TemplateStats") -> tuple:
 
 
 def expectation_columns(templates: list, dur, rows, nbytes, pfs: list, sqlstates: list) -> np.ndarray:
-    """The event features from ev_expected_log to ev_error_probe of a batch, as _event_vector computes them one
+    """The event features from ev_expected_log to ev_error_probe of a batch, as event_vector computes them one
     by one. templates: established TemplateStats or None per statement; pfs: its param_features or None."""
     n = len(templates)
     out = np.zeros((n, 5))
@@ -678,7 +678,9 @@ FEATURE_NAMES: dict[str, tuple[str, ...]] = {
 _SELECT = {kind: np.array([_INDEX[n] for n in names], dtype=np.intp) for kind, names in FEATURE_NAMES.items()}
 
 
-def _event_vector(x: dict, t: TemplateStats | None, pf: tuple | None = None) -> list[float]:
+def event_vector(x: dict, t: TemplateStats | None, pf: tuple | None = None) -> list[float]:
+    """The EVENT_FEATURES of one event dict, in order (t: its established template or None, pf: its
+    param_features when the learner saw its values)."""
     dur, rows, nbytes = x.get("duration_us"), x.get("rows"), x.get("bytes_out")
     known = t is not None and bool(t.calls)
     expected = expected_time(t, rows, nbytes, pf) if known else None
@@ -723,7 +725,7 @@ def full_row(x: dict) -> list[float]:
     row += pf
     row += t.vector() if t is not None else _NO_TEMPLATE
     row += _time_of_day(x.get("ts"))
-    row += _event_vector(x, t, pf if params is not None else None)
+    row += event_vector(x, t, pf if params is not None else None)
     return row
 
 

@@ -19,15 +19,20 @@ The row's per-statement part (statement shape, template history, sender familiar
 bytes, error, the sender's recent errors, parameters) are filled in per batch, with the same arithmetic as
 proxy.features (tests/models/test_rows.py checks both give the same rows). Scores are memoized by that part
 and the event's values bucketed to under 1 % (not with parameters), so a steady workload rarely calls the
-model at all. A steady batch (no errors, no parameters) is collected column by column in C loops (zip, map)
-rather than record by record, and a flagged key keeps the row and rule signals its class and reason come from,
-so a flag repeated within its key's bucket costs no feature row; the reason is put in words only when read.
+model at all. A steady batch (no errors, no parameters) is collected column by column in C loops (map,
+list.count) rather than record by record; when all its records share one (statement, session), as under a
+benchmark or a single busy application, that is looked up once. A memo key is one int (the group number of
+(fixed part, SQLSTATE, recent errors) and the three buckets), computed for the batch with numpy. The few rows a
+batch needs (memo misses, new flags) are built one by one with proxy.features' own arithmetic, which costs less
+than the column-wise path at that size. A flagged key keeps the row and rule signals its class and reason come
+from, so a flag repeated within its key's bucket costs no feature row; the reason is put in words only when read.
 """
 from __future__ import annotations
 
 import bisect
 import logging
 import math
+import operator
 import time
 from collections import Counter, deque
 
@@ -37,7 +42,8 @@ from proxy.analysis import Analyzer, extract_literals
 from proxy.querylog import (R_BYTES, R_DURATION, R_PARAMS, R_ROWS, R_SESSION, R_SQL, R_SQLSTATE, R_STMT, R_TS,
                             StatementFeed, bind_values, event_record, statement_of)
 from proxy.features import (ANOMALY_CLASSES, EVENT_FEATURES, FEATURE_NAMES, PARAM_FEATURES, RecentErrors,
-                            anomaly_signals, expectation_columns, param_features, transform_many, transform_one)
+                            anomaly_signals, event_vector, expectation_columns, param_features, transform_many,
+                            transform_one)
 
 log = logging.getLogger("pgpilot.scoring")
 flag_log = logging.getLogger("pgpilot.anomaly")
@@ -69,6 +75,9 @@ _BATCHED_EVENT_FEATURES = frozenset({
     "ev_over_p95_log10", "ev_excess_ms", "ev_expected_log", "ev_expected_mad_log", "ev_z_expected",
     "ev_excess_expected_ms", "ev_error_probe"})
 BATCHED = set(EVENT_FEATURES) <= _BATCHED_EVENT_FEATURES
+_N_EVENT = len(EVENT_FEATURES)
+assert NAMES[:_N_EVENT] == EVENT_FEATURES       # a row starts with its event features
+_FEW_ROWS = 8               # rows built one by one (proxy.features.event_vector) up to this many, else column-wise
 _I_BURST, _I_INJECTION = ANOMALY_CLASSES.index("error_burst"), ANOMALY_CLASSES.index("injection")
 assert set(EVENT_FEATURES) <= set(NAMES)
 # The same constants as proxy.features' robust z-score.
@@ -77,6 +86,13 @@ _Z_CLIP = 50.0
 _STATIC_LIMIT = 50_000
 _MEMO_STEPS = 128.0         # memo buckets per log unit of duration, rows and bytes (under 1 % wide)
 _MEMO_LIMIT = 200_000
+# A memo key is one int: the key's group (fixed part, SQLSTATE, recent errors) numbered in _groups, then the
+# duration, rows and bytes buckets, 13 bits each (a bucket of 2**63 is 5,600: they never reach the cap).
+_Q_BITS = 13
+_Q_MAX = (1 << _Q_BITS) - 1
+_GROUP_SHIFT = 3 * _Q_BITS
+_G_TS, _G_DUR, _G_ROWS, _G_BYTES, _G_STATE, _G_STMT, _G_SESSION = (
+    operator.itemgetter(i) for i in (R_TS, R_DURATION, R_ROWS, R_BYTES, R_SQLSTATE, R_STMT, R_SESSION))
 DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -144,7 +160,7 @@ def _text(sql) -> str:
 class _Facts:
     """A batch's records as the rows need them: parallel lists over the records that have an analysis."""
 
-    __slots__ = ("parts", "index", "ts", "dur", "nrows", "nbytes", "failed", "recent", "params")
+    __slots__ = ("parts", "index", "ts", "dur", "nrows", "nbytes", "failed", "recent", "params", "group")
 
     def __init__(self):
         self.parts: list[StatementRow] = []
@@ -156,6 +172,7 @@ class _Facts:
         self.failed: list[bool] = []
         self.recent: list[int] = []
         self.params: list | None = None
+        self.group = None                    # memo group number of every record (an int: one for all), if known
 
 
 class FlaggedStatement:
@@ -228,8 +245,10 @@ class AnomalyScorer:
         self._errors = RecentErrors()
         self._static: dict[tuple, StatementRow] = {}
         self._by_record: dict[tuple, StatementRow] = {}   # (analysis, statement index, session) -> its fixed part
-        self._memo: dict[tuple, float] = {}          # (fixed part, buckets, SQLSTATE, recent errors) -> score
-        self._flag_rows: dict[tuple, tuple] = {}     # flagged memo key -> (its feature row, its rule signals)
+        self._memo: dict[int, float] = {}            # memo key (group, buckets: see _memo_keys) -> score
+        self._groups: dict[tuple, int] = {}          # (fixed part, SQLSTATE, recent errors) -> its group number
+        self._steady: dict[StatementRow, int] = {}   # fixed part -> the group number of (part, None, 0)
+        self._flag_rows: dict[int, tuple] = {}       # flagged memo key -> (its feature row, its rule signals)
         self.feed: StatementFeed | None = None       # where finished statements come from (ServedModels sets it)
         self._log_allowance = cfg.log_max_per_second
         self._log_checked = time.monotonic()
@@ -255,8 +274,7 @@ class AnomalyScorer:
         self._run = _runner(model) if model is not None else None
         self._static.clear()
         self._by_record.clear()
-        self._memo.clear()
-        self._flag_rows.clear()
+        self._forget_groups()
 
     @property
     def threshold(self) -> float:
@@ -383,36 +401,87 @@ class AnomalyScorer:
 
     def _collect_columns(self, records: list[tuple], infos: list) -> "_Facts | None":
         """_collect for a batch without errors, parameters or unanalysed texts (the steady state): column by column,
-        in C loops (zip, map), with the fixed parts found by (analysis, statement index, session); None when the
-        batch has an error (then the sender's recent errors must be counted record by record)."""
+        in C loops (map, list.count), with the fixed parts found by (analysis, statement index, session), once for
+        the whole batch when every record shares them (one template from one kind of sender: one memo group);
+        None when the batch has an error (then the sender's recent errors must be counted record by record)."""
         n = len(records)
-        cols = tuple(zip(*records))
-        if cols[R_SQLSTATE].count(None) != n:
+        if list(map(_G_STATE, records)).count(None) != n:
             return None
-        keys = list(zip(infos, cols[R_STMT], cols[R_SESSION]))
-        by_record = self._by_record
-        parts = list(map(by_record.get, keys))
-        if None in parts:
-            static = self._static
-            for k, part in enumerate(parts):
-                if part is None:
-                    key = keys[k]
-                    part = by_record.get(key)
-                    if part is None:
-                        info, idx, who = key
-                        s = statement_of(info, idx)
-                        part = static.get((s, who))
-                        if part is None:
-                            part = self._static_row(s, who)
-                        by_record[key] = part
-                    parts[k] = part
+        stmts = list(map(_G_STMT, records))
+        sessions = list(map(_G_SESSION, records))
+        info, idx, who = infos[0], stmts[0], sessions[0]
         f = _Facts()
-        f.parts, f.index, f.ts, f.dur = parts, list(range(n)), list(cols[R_TS]), list(cols[R_DURATION])
-        nrows, nbytes = list(cols[R_ROWS]), list(cols[R_BYTES])
+        if infos.count(info) == n and stmts.count(idx) == n and sessions.count(who) == n:
+            part = self._part((info, idx, who))
+            parts = [part] * n
+            f.group = self._steady.get(part)
+            if f.group is None:
+                f.group = self._group_of(part, None, 0)
+        else:
+            by_record = self._by_record
+            keys = list(zip(infos, stmts, sessions))
+            parts = list(map(by_record.get, keys))
+            if None in parts:
+                for k, part in enumerate(parts):
+                    if part is None:
+                        parts[k] = self._part(keys[k])
+        f.parts, f.index, f.ts, f.dur = parts, list(range(n)), list(map(_G_TS, records)), list(map(_G_DUR, records))
+        nrows, nbytes = list(map(_G_ROWS, records)), list(map(_G_BYTES, records))
         f.nrows = [v or 0 for v in nrows] if None in nrows else nrows
         f.nbytes = [v or 0 for v in nbytes] if None in nbytes else nbytes
         f.failed, f.recent = [False] * n, [0] * n
         return f
+
+    def _part(self, key: tuple) -> StatementRow:
+        """The fixed part of an (analysis, statement index, session) not in _by_record yet."""
+        part = self._by_record.get(key)
+        if part is None:
+            info, idx, who = key
+            s = statement_of(info, idx)
+            part = self._static.get((s, who))
+            if part is None:
+                part = self._static_row(s, who)
+            self._by_record[key] = part
+        return part
+
+    def _group_of(self, part: StatementRow, sqlstate, recent: int) -> int:
+        """The memo group number of (fixed part, SQLSTATE, recent errors), numbered on first sight."""
+        key = (part, sqlstate, recent)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = len(self._groups)
+            if sqlstate is None and not recent:
+                self._steady[part] = group
+        return group
+
+    def _forget_groups(self) -> None:
+        """Empty the memo with its group numbers (and what is keyed by them)."""
+        self._groups.clear()
+        self._steady.clear()
+        self._memo.clear()
+        self._flag_rows.clear()
+
+    def _memo_keys(self, records: list[tuple], f: "_Facts") -> list[int]:
+        """Each collected record's memo key: its group (fixed part, SQLSTATE, recent errors) and its duration,
+        rows and bytes, each bucketed to 1/_MEMO_STEPS of a log unit, packed in one int."""
+        n = len(f.parts)
+        F = np.array(f.dur + f.nrows + f.nbytes, dtype=np.float64).reshape(3, n)
+        Q = np.minimum(np.floor(np.log1p(np.maximum(F, 0.0)) * _MEMO_STEPS), _Q_MAX).astype(np.int64)
+        code = (Q[0] << (2 * _Q_BITS)) | (Q[1] << _Q_BITS) | Q[2]
+        group = f.group
+        if group is None:
+            steady = self._steady
+            if not any(f.failed) and not any(f.recent):
+                groups = list(map(steady.get, f.parts))
+                if None in groups:
+                    groups = [self._group_of(p, None, 0) if g is None else g for p, g in zip(f.parts, groups)]
+            else:
+                keys = list(zip(f.parts, [records[i][R_SQLSTATE] for i in f.index], f.recent))
+                groups = list(map(self._groups.get, keys))
+                if None in groups:
+                    groups = [self._group_of(*key) if g is None else g for key, g in zip(keys, groups)]
+            group = np.array(groups, dtype=np.int64)
+        return (code | (group << _GROUP_SHIFT)).tolist()
 
     def _matrix(self, records: list[tuple], f: "_Facts", rows: list[int] | None = None) -> np.ndarray:
         """The feature rows of the collected records (of positions `rows` among them, if given)."""
@@ -425,6 +494,8 @@ class AnomalyScorer:
         params = take(f.params) if f.params is not None else None
         if not BATCHED:
             return self._exact_rows(records, take(f.index), parts, F[:, 0], F[:, 1], F[:, 2], take(f.recent), params)
+        if len(parts) <= _FEW_ROWS:
+            return self._few_rows(records, take(f.index), parts, F, take(f.recent), params)
         X = np.stack([p.row for p in parts])
         X[:, _C_VOLUME] = _lg(F)
         X[:, _C_ERR] = take(f.failed)
@@ -449,6 +520,24 @@ class AnomalyScorer:
                         X[i, col] = pf[j]
         X[:, _C_EXPECTED] = expectation_columns([p.template for p in parts], F[:, 0], F[:, 1], F[:, 2], pfs,
                                                 [records[i][R_SQLSTATE] for i in take(f.index)])
+        return X
+
+    @staticmethod
+    def _few_rows(records, index, parts, F, recent, params) -> np.ndarray:
+        """The rows of a few records (a batch's memo misses, its new flags) with proxy.features' own per-event
+        arithmetic: the same values as the column-wise path, without its fixed cost of some 40 numpy calls."""
+        X = np.array([p.row for p in parts])
+        for k, p in enumerate(parts):
+            pf = None
+            if params is not None and params[k] is not None:
+                pf = param_features(tuple(params[k]))
+                for col, j in _PAR_IN_ROW:
+                    X[k, col] = pf[j]
+            dur, rows, nbytes = F[k].tolist()
+            X[k, :_N_EVENT] = event_vector({
+                "duration_us": dur, "rows": rows, "bytes_out": nbytes, "sqlstate": records[index[k]][R_SQLSTATE],
+                "application_name": p.app, "app_known": p.app_known, "client_known": p.client_known,
+                "client_recent_errors": float(recent[k])}, p.template, pf)
         return X
 
     @staticmethod
@@ -478,8 +567,7 @@ class AnomalyScorer:
         if len(self._static) >= _STATIC_LIMIT:
             self._static.clear()
             self._by_record.clear()
-            self._memo.clear()
-            self._flag_rows.clear()
+            self._forget_groups()
         self._static[s, who] = part
         if self.on_template is not None:
             self.on_template(fingerprint, normalized)
@@ -511,6 +599,8 @@ class AnomalyScorer:
         if source is None or not records:
             return None
         started = time.thread_time()      # CPU time: on a loaded machine wall time counts preemption
+        if len(self._groups) >= _MEMO_LIMIT:
+            self._forget_groups()         # here, not while a batch's records are given group numbers
         f = self._collect(records, infos)
         parts = f.parts
         if not parts:
@@ -518,10 +608,7 @@ class AnomalyScorer:
         n = len(parts)
         memo = self._memo if f.params is None else None
         if memo is not None:
-            Q = np.floor(np.log1p(np.maximum(np.array((f.dur, f.nrows, f.nbytes), dtype=np.float64), 0.0))
-                         * _MEMO_STEPS).astype(np.int64).tolist()
-            states = [records[i][R_SQLSTATE] for i in f.index] if any(f.failed) else f.failed
-            keys = list(zip(parts, Q[0], Q[1], Q[2], states, f.recent))
+            keys = self._memo_keys(records, f)
             got = list(map(memo.get, keys))
             if None in got:
                 todo = [k for k in range(n) if got[k] is None]
@@ -540,7 +627,8 @@ class AnomalyScorer:
         else:
             values = self._model_scores(self._matrix(records, f)).tolist()
         threshold = self.threshold
-        flagged = [k for k, v in enumerate(values) if v >= threshold]
+        top = max(values)       # NaN only when the first score is NaN (then look at each)
+        flagged = [k for k, v in enumerate(values) if v >= threshold] if top >= threshold or top != top else None
         if flagged:
             now = time.time()
             if memo is not None:

@@ -112,3 +112,19 @@ def test_rows_built_one_by_one_equal_the_batched_rows(monkeypatch):
     one_by_one = AnomalyScorer(AnomalyConfig())
     one_by_one.use_model(LoadedStub(context()))
     np.testing.assert_allclose(one_by_one.rows_for(evs)[0], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_parameters", [False, True])
+def test_rows_of_a_few_statements_equal_their_rows_in_a_whole_batch(with_parameters):
+    # A batch's memo misses and new flags are a few rows, built one by one with proxy.features' own arithmetic.
+    from proxy.scoring import _FEW_ROWS
+    from proxy.querylog import event_record
+    evs = events(200, seed=5)
+    scorer = AnomalyScorer(AnomalyConfig(), with_parameters=with_parameters)
+    scorer.use_model(LoadedStub(context()))
+    records = [event_record(ev) for ev in evs]
+    facts = scorer._collect(records, [analyze(ev.sql) for ev in evs])
+    whole = scorer._matrix(records, facts)
+    for start in range(0, len(facts.parts), _FEW_ROWS):
+        rows = list(range(start, min(start + _FEW_ROWS, len(facts.parts))))
+        np.testing.assert_allclose(scorer._matrix(records, facts, rows), whole[rows], rtol=1e-5, atol=1e-5)
