@@ -160,7 +160,7 @@ class StatementInfo:
     """What the log and the cache need to know about one SQL text (one statement, or several in `statements`)."""
 
     __slots__ = ("fingerprint", "normalized", "kind", "tables_read", "tables_written", "statements",
-                 "literal_count", "parsed", "shareable", "copy_text")
+                 "literal_count", "parsed", "shareable", "copy_fields", "single")
 
     def __init__(self, fingerprint: str, normalized: str, kind: str, tables_read: tuple[str, ...],
                  tables_written: tuple[str, ...], literal_count: int, parsed: bool,
@@ -175,7 +175,8 @@ class StatementInfo:
         self.statements = statements if statements is not None else (self,)
         # Whether texts differing from this one only in literals have the same analysis (see Analyzer).
         self.shareable = shareable and all(s.shareable for s in statements or ())
-        self.copy_text: str | None = None       # the query log's COPY fields of it, encoded on first use
+        self.copy_fields: bytes | None = None   # the query log's binary COPY fields of it, encoded on first use
+        self.single = self.statements[0] if len(self.statements) == 1 else None   # its only statement, if one
 
 
     def __repr__(self) -> str:

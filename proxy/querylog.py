@@ -48,9 +48,11 @@ import asyncio
 import datetime as dt
 import fcntl
 import heapq
+import itertools
 import ipaddress
 import json
 import logging
+import math
 import operator
 import os
 import random
@@ -61,7 +63,7 @@ from collections import deque
 from pathlib import Path
 from urllib.parse import urlparse
 
-from proxy import logstore
+from proxy import copy_binary, logstore
 from proxy.analysis import Analyzer, StatementInfo, extract_literals, literal_key
 
 log = logging.getLogger("pgpilot.querylog")
@@ -129,7 +131,7 @@ def event_record(ev: QueryEvent) -> tuple:
 class SessionInfo:
     """Who sent a statement: one shared object per (database, user, application, client address)."""
 
-    __slots__ = ("database", "username", "application_name", "client_addr", "store_addr", "copy_text", "sender")
+    __slots__ = ("database", "username", "application_name", "client_addr", "store_addr", "copy_fields", "sender")
 
     def __init__(self, database: str, username: str, application_name: str, client_addr: str | None):
         self.database = database
@@ -137,7 +139,9 @@ class SessionInfo:
         self.application_name = application_name
         self.client_addr = client_addr
         self.store_addr = _inet_or_none(client_addr)   # what the inet column takes (not a unix socket path)
-        self.copy_text = "\t".join(_copy_text(v) for v in (database, username, application_name, self.store_addr))
+        # Its four fields of a query_event_groups row, in COPY's binary format.
+        self.copy_fields = b"".join((copy_binary.text(database), copy_binary.text(username),
+                                     copy_binary.text(application_name), copy_binary.inet(self.store_addr)))
         self.sender = f"{client_addr or ''}|{application_name or ''}"   # as ServingContext.observe names it
 
 
@@ -166,10 +170,6 @@ def _inet_or_none(addr: str | None) -> str | None:
             return addr
         except ValueError:
             return None    # a unix socket path, or something the inet column would refuse
-
-
-def _copy_text(value) -> str:
-    return "\\N" if value is None else str(value).translate(_COPY_ESCAPES)
 
 
 def statement_of(info: StatementInfo, idx: int | None) -> StatementInfo:
@@ -288,9 +288,15 @@ class StatementFeed:
 
 
 _SQL_OF = operator.itemgetter(R_SQL)
+_SINGLE = operator.attrgetter("single")
 _ZERO_BYTES = bytes.maketrans(b"123456789", b"000000000")
 _ZERO_STR = str.maketrans("123456789", "000000000")
 _DIGIT = re.compile(r"\d")
+
+
+def _single(i: int):
+    """An itemgetter of one index that, like itemgetter of several, returns a tuple."""
+    return lambda seq: (seq[i],)
 
 
 COLUMNS = ("ts", "duration_us", "wait_us", "fingerprint", "kind", "tables_read", "tables_written", "rows",
@@ -427,6 +433,21 @@ class _Group:
         self.score.append(score)
         self.params.append(params)
 
+    def extend(self, columns) -> None:
+        """Add statements given as one sequence per field, in add()'s order."""
+        (ts, duration, wait, nrows, nbytes, sqlstate, pid, xact, in_xact, score) = columns
+        self.ts.extend(ts)
+        self.duration.extend(duration)
+        self.wait.extend(wait)
+        self.rows.extend(nrows)
+        self.bytes_out.extend(nbytes)
+        self.sqlstate.extend(sqlstate)
+        self.pid.extend(pid)
+        self.xact.extend(xact)
+        self.in_xact.extend(in_xact)
+        self.score.extend(score)
+        self.params.extend(itertools.repeat(None, len(ts)))
+
     def columns(self) -> tuple[list, ...]:
         return (self.ts, self.duration, self.wait, self.rows, self.bytes_out, self.sqlstate, self.pid, self.xact,
                 self.in_xact, self.score, self.params)
@@ -460,17 +481,15 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 
 
 class CopyTextEncoder:
-    """Rows as COPY text format, with the repeating parts (names, table lists, the second of ts) cached.
-
-    Cheaper in CPU than asyncpg's binary COPY of the same records, which parses every inet value again and
-    checks every array's type (bench.querylog_submit measures the writer against that reference).
+    """Per-statement rows (query_event_rows: spool replays) as COPY text format, with the repeating parts (names,
+    table lists, the second of ts) cached. Cheaper in CPU than asyncpg's generic binary COPY of the same records,
+    which parses every inet value again and checks every array's type. Group rows go through GroupCopyEncoder.
     """
 
     def __init__(self):
         self._text: dict[str, str] = {}
         self._arrays: dict[tuple, str] = {}
         self._seconds: dict[int, str] = {}
-        self._tails: dict[tuple, str] = {}
 
     def _timestamp(self, ts: float) -> str:
         """COPY text of a UTC timestamp given in seconds since the epoch."""
@@ -489,42 +508,6 @@ class CopyTextEncoder:
                 "\\N" if xact is None else str(xact), "\\N" if in_xact is None else ("t" if in_xact else "f"),
                 text(protocol), text(cache_outcome), text(rewrite), "\\N" if score is None else repr(score),
                 text(proxy_id), "\\N" if params is None else _array_literal(params).translate(_COPY_ESCAPES))))
-        lines.append("")
-        return "\n".join(lines).encode("utf-8", "replace")
-
-    def encode_groups(self, groups: "list[tuple[float, float, _Group]]", proxy_id: str) -> bytes:
-        """COPY text of query_event_groups rows (GROUP_COLUMNS), one per (earliest ts, latest ts, group)."""
-        tails = self._tails
-        N = "\\N"
-        origin = _copy_text(proxy_id)
-        lines = []
-        for first, _, g in groups:
-            s = g.statement
-            stmt = s.copy_text
-            if stmt is None:
-                stmt = s.copy_text = "\t".join((_copy_text(s.fingerprint), _copy_text(s.kind),
-                                                self._array_field(s.tables_read), self._array_field(s.tables_written)))
-            tail = tails.get((g.protocol, g.cache_outcome, g.rewrite))
-            if tail is None:
-                if len(tails) > 1000:
-                    tails.clear()
-                tail = tails[g.protocol, g.cache_outcome, g.rewrite] = "\t".join(
-                    _copy_text(v) for v in (g.protocol, g.cache_outcome, g.rewrite))
-            base = int(first * 1e6)
-            n = len(g.ts)
-            sqlstate, in_xact, score, params = g.sqlstate, g.in_xact, g.score, g.params
-            lines.append("\t".join((
-                self._timestamp_us(base), stmt, g.session.copy_text, tail, origin,
-                "{" + ",".join(map(str, [int(t * 1e6) - base for t in g.ts])) + "}",
-                _int_array(g.duration), N if not any(g.wait) else _int_array(g.wait), _int_array(g.rows),
-                _int_array(g.bytes_out),
-                N if sqlstate.count(None) == n else _copy_text(_array_literal(sqlstate)),
-                _int_array(g.pid), _int_array(g.xact),
-                N if in_xact.count(None) == n else "{" + ",".join(map(_BOOL_ELEMENT.__getitem__, in_xact)) + "}",
-                N if score.count(None) == n else "{" + ",".join("NULL" if v is None else repr(float(v))
-                                                                for v in score) + "}",
-                N if params.count(None) == n else _copy_text(_array_literal(
-                    [None if p is None else _array_literal(p) for p in params])))))
         lines.append("")
         return "\n".join(lines).encode("utf-8", "replace")
 
@@ -561,22 +544,54 @@ class CopyTextEncoder:
         return literal
 
 
-_BOOL_ELEMENT = {True: "t", False: "f", None: "NULL"}
-
-
-def _int_array(values: list) -> str:
-    """COPY text of an integer array (NULL elements allowed); \\N when every element is NULL."""
-    if None in values:
-        if values.count(None) == len(values):
-            return "\\N"
-        return "{" + ",".join("NULL" if v is None else str(int(v)) for v in values) + "}"
-    return "{" + ",".join(map(str, values)) + "}"
-
-
 def _array_literal(values) -> str:
     """A text[] literal: every element quoted, NULL for None."""
     return "{" + ",".join("NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
                           for v in values) + "}"
+
+
+class GroupCopyEncoder:
+    """query_event_groups rows (GROUP_COLUMNS) in COPY's binary format: a statement's and a session's fields are
+    encoded once and reused, each per-statement array is one numpy pass (see proxy/copy_binary.py)."""
+
+    def __init__(self, proxy_id: str):
+        self._origin = copy_binary.text(proxy_id)
+        self._tails: dict[tuple, bytes] = {}
+        self._row_head = copy_binary.row_head(len(GROUP_COLUMNS))
+
+    def encode(self, groups: "list[tuple[float, float, _Group]]") -> bytes:
+        """COPY data (header to trailer) of one row per (earliest ts, latest ts, group)."""
+        B = copy_binary
+        NULL = B.NULL
+        tails = self._tails
+        parts = [B.HEADER]
+        for first, _, g in groups:
+            s = g.statement
+            stmt = s.copy_fields
+            if stmt is None:
+                stmt = s.copy_fields = b"".join((B.text(s.fingerprint), B.text(s.kind),
+                                                 B.text_array(s.tables_read), B.text_array(s.tables_written)))
+            tail = tails.get((g.protocol, g.cache_outcome, g.rewrite))
+            if tail is None:
+                if len(tails) > 1000:
+                    tails.clear()
+                tail = tails[g.protocol, g.cache_outcome, g.rewrite] = b"".join(
+                    B.text(v) for v in (g.protocol, g.cache_outcome, g.rewrite))
+            base = int(first * 1e6)
+            n = len(g.ts)
+            sqlstate, params = g.sqlstate, g.params
+            parts += (
+                self._row_head, B.timestamp_us(base), stmt, g.session.copy_fields, tail, self._origin,
+                B.offsets_array(g.ts, base), B.fixed_array(g.duration, B.OID_INT8),
+                B.fixed_array(g.wait, B.OID_INT8) if any(g.wait) else NULL,
+                B.fixed_array(g.rows, B.OID_INT8), B.fixed_array(g.bytes_out, B.OID_INT8),
+                NULL if sqlstate.count(None) == n else B.text_array(sqlstate),
+                B.fixed_array(g.pid, B.OID_INT4), B.fixed_array(g.xact, B.OID_INT8),
+                B.fixed_array(g.in_xact, B.OID_BOOL), B.fixed_array(g.score, B.OID_FLOAT4),
+                NULL if params.count(None) == n else B.text_array(
+                    [None if p is None else _array_literal(p) for p in params]))
+        parts.append(B.TRAILER)
+        return b"".join(parts)
 
 
 class _TransientStoreError(Exception):
@@ -793,7 +808,8 @@ class QueryLog:
         self._partitions: set[int] = set()      # days (since the epoch, UTC) with a partition
         self._next_maintenance = 0.0
         self._next_refresh = 0.0
-        self._encoder = CopyTextEncoder()
+        self._encoder = CopyTextEncoder()             # per-statement rows (spool replays)
+        self._group_encoder = GroupCopyEncoder(proxy_id)
         self._closing = False         # stop(): the analyser drains the queue and ends
         self._store_closing = False   # stop(), once the analyser is done: the store task drains the outbox and ends
         self._tasks: list[asyncio.Task] = []
@@ -987,7 +1003,79 @@ class QueryLog:
 
     def _fold(self, records: list[tuple], infos: list, scores: list | None) -> int:
         """Add analysed records to their groups (statement, session, protocol, cache outcome, rewrite); returns
-        how many were folded (the others are dropped and counted)."""
+        how many were folded (the others are dropped and counted).
+
+        The usual batch (every text analysed, one statement each, no parameter values to keep) is folded a
+        column at a time: the records are transposed and each group takes its values with C-level gets and
+        extends, so a record costs a dictionary lookup in Python, not a dozen appends and a stats call.
+        """
+        if not self.cfg.parameters and None not in infos:
+            stmts = list(map(_SINGLE, infos))
+            if None not in stmts:
+                try:
+                    return self._fold_columns(records, stmts, scores)
+                except Exception:   # an odd record: fold the batch one record at a time, which drops only it
+                    log.debug("query log: batch refolded record by record", exc_info=True)
+        return self._fold_each(records, infos, scores)
+
+    def _fold_columns(self, records: list[tuple], stmts: list, scores: list | None) -> int:
+        """_fold for records of single-statement texts, given those statements."""
+        cols = list(zip(*records))
+        if len(cols) != len(RECORD):
+            raise ValueError("a record of the wrong length")
+        own = cols[R_SCORE]
+        if scores is None:
+            score_col = own
+        elif None in scores:
+            score_col = [o if v is None else v for v, o in zip(scores, own)]
+        else:
+            score_col = scores
+        # Each record's group number (a key's first record sets it), then the record numbers of each group, in
+        # order: C-level maps and a sort, no Python code per record.
+        index: dict[tuple, int] = {}
+        # The statement index is in the key as it comes (-1 extended; 0, or None from submit(), simple).
+        number = list(map(index.setdefault, zip(stmts, cols[R_SESSION], cols[R_STMT], cols[R_CACHE], cols[R_REWRITE]),
+                          itertools.count()))
+        if len(index) == 1:
+            members = [(next(iter(index)), range(len(records)))]
+        else:
+            key_of = {v: k for k, v in index.items()}
+            order = sorted(range(len(records)), key=number.__getitem__)
+            members = [(key_of[n], list(at)) for n, at in itertools.groupby(order, number.__getitem__)]
+        # Records come from sessions or from event_record, which coerces each field: nothing below raises on
+        # their values, so a batch is never half folded.
+        values = (cols[R_TS], cols[R_DURATION], cols[R_WAIT], cols[R_ROWS], cols[R_BYTES], cols[R_SQLSTATE],
+                  cols[R_PID], cols[R_XACT], cols[R_IN_XACT], score_col)
+        groups = self._open
+        templates = self._open_templates
+        known = self._known
+        observe = self.query_stats.observe_many
+        for key, at in members:
+            if type(at) is range:
+                taken = list(values)
+            else:
+                take = operator.itemgetter(*at) if len(at) > 1 else _single(at[0])
+                taken = [take(c) for c in values]
+            s = key[0]
+            ts = taken[0]
+            observe(s.fingerprint, s.normalized, s.kind, taken[1], taken[3], len(at) - taken[5].count(None))
+            if s.fingerprint not in known:
+                self._note_template(templates, s, None, None, min(ts), max(ts))
+            g = groups.get(key)
+            while taken[0]:
+                if g is None:
+                    g = groups[key] = _Group(s, key[1], "extended" if key[2] == -1 else "simple", key[3], key[4])
+                room = _GROUP_MAX - len(g.ts)
+                if len(taken[0]) < room:
+                    g.extend(taken)
+                    break
+                g.extend([c[:room] for c in taken])
+                taken = [c[room:] for c in taken]
+                self._closed.append(groups.pop(key))
+                g = None
+        return len(records)
+
+    def _fold_each(self, records: list[tuple], infos: list, scores: list | None) -> int:
         groups = self._open
         templates = self._open_templates
         known = self._known
@@ -1023,7 +1111,7 @@ class QueryLog:
                     if len(g.ts) >= _GROUP_MAX:
                         self._closed.append(groups.pop(key))
                     if s.fingerprint not in known:
-                        self._note_template(templates, s, rec, idx if len(stmts) > 1 else None, ts)
+                        self._note_template(templates, s, rec, idx if len(stmts) > 1 else None, ts, ts)
                 else:
                     self._split(rec, stmts, params, score, templates, observe)
                 folded += 1
@@ -1053,7 +1141,7 @@ class QueryLog:
             if len(g.ts) >= _GROUP_MAX:
                 self._closed.append(self._open.pop(key))
             if s.fingerprint not in self._known:
-                self._note_template(templates, s, rec, i, ts)
+                self._note_template(templates, s, rec, i, ts, ts)
 
     @staticmethod
     def _parameters(rec: tuple, info: StatementInfo) -> list[str | None] | None:
@@ -1076,19 +1164,20 @@ class QueryLog:
         start = sum(s.literal_count for s in stmts[:idx])
         return params[start:start + stmts[idx].literal_count] or None
 
-    def _note_template(self, templates: dict, s: StatementInfo, rec: tuple, idx, ts: float) -> None:
+    def _note_template(self, templates: dict, s: StatementInfo, rec: tuple | None, idx, first: float,
+                       last: float) -> None:
         t = templates.get(s.fingerprint)
         if t is not None:
-            t[5] = min(t[5], ts)
-            t[6] = max(t[6], ts)
+            t[5] = min(t[5], first)
+            t[6] = max(t[6], last)
             return
         sample = None
-        if self.cfg.parameters:
+        if self.cfg.parameters and rec is not None:
             sql = rec[R_SQL]
             sql = sql if type(sql) is str else sql.decode("utf-8", "replace")
             sample = sql if idx is None else _statement_text(sql, idx)
         templates[s.fingerprint] = [s.normalized, s.kind, list(s.tables_read), list(s.tables_written), sample,
-                                    ts, ts]
+                                    first, last]
 
     async def _hand_over(self, batch: _Batch) -> None:
         if not len(batch):
@@ -1306,9 +1395,9 @@ class QueryLog:
                         while end < len(parts) and (n < _COPY_ROWS or end == start):
                             n += len(parts[end][2])
                             end += 1
-                        data = self._encoder.encode_groups(parts[start:end], self.proxy_id)
+                        data = self._group_encoder.encode(parts[start:end])
                         await conn.copy_to_table("query_event_groups", schema_name="pgpilot", columns=GROUP_COLUMNS,
-                                                 source=memoryview(data), format="text")
+                                                 source=memoryview(data), format="binary")
                         start = end
                 else:
                     for start in range(0, len(rows), _COPY_ROWS):
@@ -1508,7 +1597,8 @@ def _statement_text(sql: str, idx: int) -> str | None:
 
 
 class _TemplateStats:
-    __slots__ = ("fingerprint", "normalized", "kind", "calls", "total_us", "max_us", "rows", "errors", "samples")
+    __slots__ = ("fingerprint", "normalized", "kind", "calls", "total_us", "max_us", "rows", "errors", "samples",
+                 "weight", "next_at")
 
     def __init__(self, fingerprint: str, normalized: str, kind: str):
         self.fingerprint = fingerprint
@@ -1520,6 +1610,8 @@ class _TemplateStats:
         self.rows = 0
         self.errors = 0
         self.samples: list[int] = []   # a uniform reservoir of durations, for percentiles
+        self.weight = 1.0              # algorithm L's state, once the reservoir is full
+        self.next_at = 0               # the call number whose duration replaces a sample next
 
 
 class QueryStats:
@@ -1543,26 +1635,50 @@ class QueryStats:
 
     def observe(self, fingerprint: str, normalized: str, kind: str, duration_us: int, rows: int | None,
                 failed: bool) -> None:
+        self.observe_many(fingerprint, normalized, kind, (duration_us,), (rows,), 1 if failed else 0)
+
+    def observe_many(self, fingerprint: str, normalized: str, kind: str, durations_us, rows, failed: int) -> None:
+        """Statements of one template: their durations and row counts (None where unknown), how many failed."""
         t = self._templates.get(fingerprint)
         if t is None:
             if len(self._templates) >= self.max_templates + max(1, self.max_templates // 10):
                 self._evict()
             t = self._templates[fingerprint] = _TemplateStats(fingerprint, normalized, kind)
-        t.calls += 1
-        t.total_us += duration_us
-        if duration_us > t.max_us:
-            t.max_us = duration_us
-        if rows:
-            t.rows += rows
-        if failed:
-            t.errors += 1
+        n = len(durations_us)
+        before = t.calls
+        t.calls += n
+        t.total_us += sum(durations_us)
+        longest = max(durations_us)
+        if longest > t.max_us:
+            t.max_us = longest
+        t.rows += sum(filter(None, rows))
+        t.errors += failed
+        # A uniform reservoir of durations (Li's algorithm L): fill it, then replace a random sample at call
+        # numbers drawn ahead, so a batch costs a few random draws, not one per statement.
         samples = t.samples
-        if len(samples) < self.reservoir_size:
-            samples.append(duration_us)
-        else:
-            j = int(self._random() * t.calls)
-            if j < self.reservoir_size:
-                samples[j] = duration_us
+        size = self.reservoir_size
+        i = 0
+        if len(samples) < size:
+            i = min(n, size - len(samples))
+            samples.extend(durations_us[:i])
+            if len(samples) < size:
+                return
+            t.weight = math.exp(math.log(self._uniform()) / size)
+            t.next_at = before + i + self._skip(t.weight)
+        end = t.calls
+        while t.next_at <= end:
+            samples[int(self._random() * size)] = durations_us[t.next_at - before - 1]
+            t.weight *= math.exp(math.log(self._uniform()) / size)
+            t.next_at += self._skip(t.weight)
+
+    def _uniform(self) -> float:
+        return self._random() or 1e-300          # in (0, 1): the logarithms above need it above 0
+
+    def _skip(self, weight: float) -> int:
+        """Calls until the next replacement (at least 1)."""
+        if weight >= 1.0:
+            return 1
+        return int(math.log(self._uniform()) / math.log1p(-weight)) + 1
 
     def _evict(self) -> None:
         excess = len(self._templates) - self.max_templates + max(1, self.max_templates // 10)

@@ -52,3 +52,21 @@ def test_tracked_templates_are_bounded_and_the_most_called_survive():
 def test_an_unknown_order_is_refused():
     with pytest.raises(ValueError, match="total_time"):
         QueryStats().top(5, by="speed")
+
+
+def test_batches_keep_counters_exact_and_the_reservoir_uniform():
+    stats = QueryStats(reservoir_size=64)
+    values = list(range(1, 100_001))
+    for start in range(0, len(values), 37):
+        chunk = values[start:start + 37]
+        stats.observe_many("q", "SELECT q", "select", chunk, [None if v % 10 else 2 for v in chunk],
+                           sum(1 for v in chunk if v % 1000 == 0))
+    row = stats.top(1)[0]
+    assert (row["calls"], row["total_ms"], row["max_ms"], row["rows"], row["errors"]) == \
+        (100_000, sum(values) / 1000, 100.0, 2 * 10_000, 100)
+    samples = stats._templates["q"].samples
+    assert len(samples) == 64 and len(set(samples)) == 64
+    # Uniform over the whole stream: neither stuck in the first reservoir's fill nor in the last batches.
+    assert sum(1 for v in samples if v <= 64) <= 3
+    assert 30_000 <= sum(samples) / 64 <= 70_000
+    assert 85_000 <= row["p95_ms"] * 1000 <= 100_000

@@ -237,3 +237,47 @@ def test_a_failing_before_batch_hook_does_not_stop_the_log(tmp_path, store_dsn):
         return log
     log = asyncio.run(scenario())
     assert log.written == 1
+
+
+def test_each_statement_of_a_group_keeps_its_own_values_and_nulls(tmp_path, store_dsn):
+    # One template, session and protocol: one group row whose arrays mix values and NULLs in every field.
+    sql = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+    t0 = time.time()
+    facts = [  # xact, offset s, duration, wait, rows, bytes, sqlstate, pid, in_xact, score
+        (1, 0.0, 120, 0, 1, 60, None, 4242, False, None),
+        (2, 0.25, 7_000_000, 35, None, 0, "40001", None, True, 0.75),
+        (3, 0.5, 1, 0, 0, 12, None, 4243, None, 0.0),
+        (4, 1.125, 99, 2, 2 ** 40, 2 ** 33, "57014", 4242, True, None),
+    ]
+    events = [make_event(sql, x, ts=t0 + off, duration_us=d, wait_us=w, rows=r, bytes_out=b, sqlstate=st,
+                         backend_pid=pid, in_transaction=ix, anomaly_score=sc, protocol="extended")
+              for x, off, d, w, r, b, st, pid, ix, sc in facts]
+    asyncio.run(_log_all(make_config(tmp_path), store_dsn, events))
+
+    assert fetch(store_dsn, "SELECT count(*) FROM pgpilot.query_event_groups") == [(1,)]
+    got = fetch(store_dsn, "SELECT xact_id, extract(epoch FROM ts)::float8, duration_us, wait_us, rows, bytes_out, "
+                           "sqlstate, backend_pid, in_transaction, anomaly_score FROM pgpilot.query_events "
+                           "ORDER BY xact_id")
+    assert [(x, d, w, r, b, st, pid, ix, sc) for x, _, d, w, r, b, st, pid, ix, sc in got] == \
+        [(x, d, w, r, b, st, pid, ix, sc) for x, _, d, w, r, b, st, pid, ix, sc in facts]
+    assert all(abs(ts - (t0 + off)) < 2e-6 for (_, ts, *_), (_, off, *_) in zip(got, facts))
+
+
+def test_client_addresses_keep_their_family_and_prefix(tmp_path, store_dsn):
+    addrs = ["127.0.0.1", "10.1.2.3/24", "2001:db8::5", "::ffff:192.0.2.1"]
+    events = [make_event("SELECT 1", i, client_addr=a) for i, a in enumerate(addrs)]
+    asyncio.run(_log_all(make_config(tmp_path), store_dsn, events))
+    assert fetch(store_dsn, "SELECT host(client_addr), masklen(client_addr), family(client_addr) "
+                            "FROM pgpilot.query_events ORDER BY xact_id") == [
+        ("127.0.0.1", 32, 4), ("10.1.2.3", 24, 4), ("2001:db8::5", 128, 6), ("::ffff:192.0.2.1", 128, 6)]
+
+
+def test_a_group_past_its_size_bound_continues_in_a_new_row(tmp_path, store_dsn):
+    events = [make_event("SELECT 1 FROM pgbench_branches WHERE bid = $1", i, protocol="extended")
+              for i in range(2500)]
+    log = asyncio.run(_log_all(make_config(tmp_path, batch_size=5000, flush_interval=5), store_dsn, events))
+    assert log.written == 2500
+    assert fetch(store_dsn, "SELECT count(*), sum(array_length(duration_us, 1)), max(array_length(duration_us, 1)) "
+                            "FROM pgpilot.query_event_groups") == [(3, 2500, 1000)]
+    assert fetch(store_dsn, "SELECT count(DISTINCT xact_id), min(xact_id), max(xact_id) FROM pgpilot.query_events") \
+        == [(2500, 0, 2499)]
