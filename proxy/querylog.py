@@ -24,7 +24,7 @@ Contract with the session
 
 The writer
 ----------
-As the feed hands records over (every 20 ms), the query log folds them into groups: statements that share
+As the feed hands records over (every 40 ms), the query log folds them into groups: statements that share
 their analysis, session, protocol, cache outcome and rewrite, their own values (times, counts, SQLSTATE, pid,
 transaction, score) in one list per field. It also feeds the in-memory `QueryStats` (for SHOW QUERIES) then.
 A background task takes the groups as a batch (once `batch_size` records wait, or every `flush_interval`) and
@@ -185,7 +185,7 @@ def statement_of(info: StatementInfo, idx: int | None) -> StatementInfo:
 class StatementFeed:
     """Finished statements on their way to the scorer and the query log.
 
-    Sessions append records to `records` (a list: one C-level append each). Every `interval` seconds (20 ms at most,
+    Sessions append records to `records` (a list: one C-level append each). Every `interval` seconds (40 ms at most,
     so that analysing a batch never holds the event loop for long) `tick` takes them, analyses each text once (by
     the exact bytes first: prepared and extended statements repeat the same text object), lets the scorer score
     them, then hands them to the query log. Records whose text cannot be analysed (never from a session) get None as
@@ -334,7 +334,7 @@ _PARTITION_DAY = re.compile(r"_(\d{8})$")   # query_event_groups_YYYYMMDD (or qu
 _DAY = 86400
 _EPOCH = dt.date(1970, 1, 1)
 _UTC = dt.timezone.utc
-_FEED_INTERVAL = 0.02         # seconds between two takes of the feed, at most: small batches, short pauses
+_FEED_INTERVAL = 0.04         # seconds between two takes of the feed, at most: anomaly.score_interval's default
 _SPOOL_LINE_ROWS = 200        # rows per spool line (one JSON document)
 _COPY_ROWS = 1000             # rows per COPY statement (a batch may take several, in one transaction)
 _OUTBOX_BATCHES = 4           # analysed batches that may wait for the store before spilling to the spool
