@@ -164,7 +164,7 @@ class _Facts:
 
     def __init__(self):
         self.parts: list[StatementRow] = []
-        self.index: list[int] = []           # position of each among the batch's records
+        self.index: list[int] | range = []   # position of each among the batch's records
         self.ts: list = []
         self.dur: list = []
         self.nrows: list = []
@@ -425,7 +425,7 @@ class AnomalyScorer:
                 for k, part in enumerate(parts):
                     if part is None:
                         parts[k] = self._part(keys[k])
-        f.parts, f.index, f.ts, f.dur = parts, list(range(n)), list(map(_G_TS, records)), list(map(_G_DUR, records))
+        f.parts, f.index, f.ts, f.dur = parts, range(n), list(map(_G_TS, records)), list(map(_G_DUR, records))
         nrows, nbytes = list(map(_G_ROWS, records)), list(map(_G_BYTES, records))
         f.nrows = [v or 0 for v in nrows] if None in nrows else nrows
         f.nbytes = [v or 0 for v in nbytes] if None in nbytes else nbytes
@@ -461,9 +461,9 @@ class AnomalyScorer:
         self._memo.clear()
         self._flag_rows.clear()
 
-    def _memo_keys(self, records: list[tuple], f: "_Facts") -> list[int]:
+    def _memo_keys(self, records: list[tuple], f: "_Facts") -> tuple[list[int], np.ndarray]:
         """Each collected record's memo key: its group (fixed part, SQLSTATE, recent errors) and its duration,
-        rows and bytes, each bucketed to 1/_MEMO_STEPS of a log unit, packed in one int."""
+        rows and bytes, each bucketed to 1/_MEMO_STEPS of a log unit, packed in one int; and the durations."""
         n = len(f.parts)
         F = np.array(f.dur + f.nrows + f.nbytes, dtype=np.float64).reshape(3, n)
         Q = np.minimum(np.floor(np.log1p(np.maximum(F, 0.0)) * _MEMO_STEPS), _Q_MAX).astype(np.int64)
@@ -481,7 +481,7 @@ class AnomalyScorer:
                 if None in groups:
                     groups = [self._group_of(*key) if g is None else g for key, g in zip(keys, groups)]
             group = np.array(groups, dtype=np.int64)
-        return (code | (group << _GROUP_SHIFT)).tolist()
+        return (code | (group << _GROUP_SHIFT)).tolist(), F[0]
 
     def _matrix(self, records: list[tuple], f: "_Facts", rows: list[int] | None = None) -> np.ndarray:
         """The feature rows of the collected records (of positions `rows` among them, if given)."""
@@ -608,7 +608,7 @@ class AnomalyScorer:
         n = len(parts)
         memo = self._memo if f.params is None else None
         if memo is not None:
-            keys = self._memo_keys(records, f)
+            keys, durations = self._memo_keys(records, f)
             got = list(map(memo.get, keys))
             if None in got:
                 todo = [k for k in range(n) if got[k] is None]
@@ -626,6 +626,7 @@ class AnomalyScorer:
             values = got
         else:
             values = self._model_scores(self._matrix(records, f)).tolist()
+            durations = f.dur
         threshold = self.threshold
         top = max(values)       # NaN only when the first score is NaN (then look at each)
         flagged = [k for k, v in enumerate(values) if v >= threshold] if top >= threshold or top != top else None
@@ -654,7 +655,7 @@ class AnomalyScorer:
                 for k, i in enumerate(flagged):
                     self._flag(records[f.index[i]], parts[i], X[k], values[i], signals[k], now)
         self.scored[source] += n
-        self._account(f.ts, f.dur, started)
+        self._account(f.ts, durations, started)
         if n == len(records):
             return values
         out: list = [None] * len(records)
@@ -685,14 +686,14 @@ class AnomalyScorer:
         kept[:, _I_INJECTION] = signals[:, _I_INJECTION] + np.where(probe, _PROBE_WEIGHT, 0.0)
         return kept
 
-    def _account(self, ts: list, dur: list, started: float) -> None:
+    def _account(self, ts: list, dur, started: float) -> None:
         self.busy_seconds += time.thread_time() - started
         self.batches += 1
         n = len(ts)
         self.batch_sum += n
         self.batch_counts[bisect.bisect_left(BATCH_BUCKETS, n)] += 1
         now = time.time()
-        delays = now - (np.array(ts, dtype=np.float64) + np.array(dur, dtype=np.float64) * 1e-6)
+        delays = now - (np.array(ts, dtype=np.float64) + np.asarray(dur, dtype=np.float64) * 1e-6)
         self.delay_sum += float(delays.sum())
         self.delay_counts += np.bincount(np.searchsorted(DELAY_BUCKETS, delays), minlength=len(DELAY_BUCKETS) + 1)
 
