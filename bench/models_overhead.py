@@ -2,7 +2,7 @@
 admission on, against the same proxy with both off, side by side.
 
     python -m bench.models_overhead [--rounds 3] [--duration 10] [--clients 16] [--protocols simple,extended,prepared]
-                                    [--no-cache] [--query-log] [--json out.json] [--quick]
+                                    [--no-cache] [--query-log] [--json out.json] [--quick] [--in-process]
 
 One private PostgreSQL cluster (fsync off) gets `pgbench -i -s <scale>`. Its traffic (pgbench -S and -N with the
 benchmark's client count through a logging proxy for a few seconds) is the log the learner's anomaly step trains on (learning.pipeline, exported to
@@ -17,6 +17,12 @@ every statement scored by the anomaly model, fills admitted by the cache model. 
 alternates by round). The table shows per protocol the median TPS of each, the median of the per-round ratios on/off, the proxy process CPU per transaction (psutil), the
 scorer's own CPU per scored statement (from pgpilot_anomaly_scoring_cpu_seconds / pgpilot_anomaly_scored), the
 mean batch size, and the share of statements scored (and, when flagged, flagged) within 100 ms of completion.
+
+`--in-process` runs no proxy: after training, it times the statement feed's work per statement in this process
+(thread CPU time of the analysis and of AnomalyScorer.score_records on batches of pgbench -S records whose
+durations, rows and bytes are drawn from the logged training traffic, a simple-protocol text with a new aid each
+time or one extended text), after a warm-up, and prints the minimum and median over batches. It is what the
+scorer costs without the noise of pgbench and Postgres sharing the machine.
 """
 from __future__ import annotations
 
@@ -124,6 +130,58 @@ def train_models(cluster: PgCluster, model_dir: Path, seconds: float, clients: i
                                    extra={"admit_at": 0.5}), {"kind": "cache"}, ServingContext(stats).to_json())
     registry.promote("cache", sha, metric="db_time_saved_s", score=0.0, champion_score=None, higher_is_better=True)
     return {"anomaly": anomaly["registry"]["sha256"], "cache": sha}
+
+
+def in_process(cluster: PgCluster, model_dir: Path, batch: int = 370, batches: int = 300, warm: int = 100) -> None:
+    """Per statement CPU of the feed's analysis and the scorer's score_records, in this process (see --in-process)."""
+    import logging
+    import random
+
+    import psycopg
+
+    from proxy.analysis import Analyzer
+    from proxy.config import AnomalyConfig
+    from proxy.models import load_champion
+    from proxy.querylog import StatementFeed, session_info
+    from proxy.scoring import AnomalyScorer
+    logging.getLogger("pgpilot.anomaly").setLevel(logging.ERROR)     # the flags' log lines are not measured here
+    with psycopg.connect(cluster.dsn_for(DBNAME), autocommit=True) as conn:
+        facts = conn.execute("SELECT duration_us, coalesce(rows, 0), bytes_out FROM pgpilot.query_events "
+                             "WHERE kind = 'select'").fetchall()
+        sender = conn.execute("SELECT database, username, application_name, host(client_addr) FROM "
+                              "pgpilot.query_events GROUP BY 1, 2, 3, 4 ORDER BY count(*) DESC LIMIT 1").fetchone()
+    model = load_champion(model_dir, "anomaly")
+    who = session_info(*sender)
+    rnd = random.Random(0)
+    extended = PGBENCH_SELECT.encode()
+    print(f"\nin-process, batches of {batch} pgbench -S records (durations, rows, bytes of {len(facts):,} logged "
+          f"selects), thread CPU us per statement, min / median over {batches} batches")
+    for protocol in ("simple", "extended"):
+        analyzer = Analyzer()
+        scorer = AnomalyScorer(AnomalyConfig(), analyzer)
+        scorer.use_model(model)
+        feed = StatementFeed(analyzer, 0.04)
+        ts = time.time()
+        analyse_us, score_us = [], []
+        for n in range(warm + batches):
+            records = []
+            for _ in range(batch):
+                dur, rows, nbytes = facts[rnd.randrange(len(facts))]
+                sql, idx = ((b"SELECT abalance FROM pgbench_accounts WHERE aid = %d;" % rnd.randint(1, 1_000_000), 0)
+                            if protocol == "simple" else (bytes(extended), -1))
+                ts += 1e-4
+                records.append((ts, dur, 0, sql, rows, nbytes, None, who, 1, None, False, idx, None, None, None, None))
+            c0 = time.thread_time_ns()
+            infos = feed.analyse(records)
+            c1 = time.thread_time_ns()
+            scorer.score_records(records, infos)
+            c2 = time.thread_time_ns()
+            if n >= warm:
+                analyse_us.append((c1 - c0) / batch / 1000)
+                score_us.append((c2 - c1) / batch / 1000)
+        print(f"{protocol:<9} analysis {min(analyse_us):.3f} / {statistics.median(analyse_us):.3f}, score_records "
+              f"{min(score_us):.3f} / {statistics.median(score_us):.3f}; memo {len(scorer._memo):,} keys, "
+              f"{sum(scorer.flags.values())} flags")
 
 
 def scorer_counters(proxy: ProxyProcess) -> dict:
@@ -242,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-log", action="store_true", help="query log on in both (the product's default)")
     parser.add_argument("--json", help="write every run and the summary here")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--in-process", action="store_true",
+                        help="no proxies: time the feed's analysis and the scorer per statement in this process")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.scale, args.clients, args.train_seconds = 1, 2, 1, 4, 2
@@ -255,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                         "-U", "postgres", DBNAME], check=True, capture_output=True)
         model_dir = Path(tempfile.mkdtemp(prefix="pgpilot-bench-models-"))
         shas = train_models(cluster, model_dir, args.train_seconds, args.clients)
+        if args.in_process:
+            in_process(cluster, model_dir)
+            return 0
         common = {"databases": {DBNAME: upstream_entry(cluster, DBNAME)}, "pool_size": args.pool_size,
                   "log_connections": False, "learning": {"model_dir": str(model_dir)},
                   "cache": {"enabled": not args.no_cache}, "query_log": {"enabled": args.query_log}}
