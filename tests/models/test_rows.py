@@ -128,3 +128,39 @@ def test_rows_of_a_few_statements_equal_their_rows_in_a_whole_batch(with_paramet
     for start in range(0, len(facts.parts), _FEW_ROWS):
         rows = list(range(start, min(start + _FEW_ROWS, len(facts.parts))))
         np.testing.assert_allclose(scorer._matrix(records, facts, rows), whole[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_memoized_scores_are_those_of_the_statements_own_row_within_a_bucket():
+    # A stand-in model whose score shows which template history, sender and error a row has (integer part) and
+    # its duration (fraction): the memo may lend a statement the score of an earlier one of its own key only.
+    from proxy.querylog import event_record
+    from proxy.scoring import COL
+    r = random.Random(7)
+    values = [(int(r.lognormvariate(6, 2)), r.randint(0, 50), r.randint(0, 10 ** 5)) for _ in range(12)]
+    # the same durations, rows and bytes from every template, sender and outcome: only the key's group tells
+    evs = [QueryEvent(ts=0.0, duration_us=dur, wait_us=0, sql=sql, rows=rows, bytes_out=nbytes, sqlstate=sqlstate,
+                      database="app", username="u", application_name=app, client_addr=client, backend_pid=1,
+                      xact_id=1, in_transaction=False, protocol="simple")
+           for dur, rows, nbytes in values for sql in (KNOWN, OTHER) for app in ("web", "sqlmap")
+           for client in ("10.0.0.1", "10.9.9.9") for sqlstate in (None, "42P01")]
+    r.shuffle(evs)
+    for i, ev in enumerate(evs):
+        ev.ts = 1_700_000_000.0 + 20 * i      # errors 20 s apart: none within another's window
+    steady = [QueryEvent(ts=1_700_010_000.0 + i, duration_us=200 + 37 * i, wait_us=0, sql=KNOWN, rows=1,
+                         bytes_out=60, sqlstate=None, database="app", username="u", application_name="web",
+                         client_addr="10.0.0.1", backend_pid=1, xact_id=1, in_transaction=False, protocol="simple")
+              for i in range(60)]
+    scorer = AnomalyScorer(AnomalyConfig())
+    scorer.use_model(LoadedStub(context()))
+
+    def score(X):
+        return (X[:, COL["hist_known"]] * 1000 + X[:, COL["ev_error"]] * 100 + X[:, COL["ev_client_known"]] * 10
+                + X[:, COL["ev_app_known"]] + X[:, COL["ev_duration_log"]] / 100).astype(np.float64)
+    scorer._run = score
+    for batch in [evs[i:i + 37] for i in range(0, len(evs), 37)] + [steady[:30], steady[30:], steady[:30]]:
+        records = [event_record(ev) for ev in batch]
+        infos = [analyze(ev.sql) for ev in batch]
+        got = scorer.score_records(records, infos)
+        own = score(learner_rows(batch, context(), False))
+        np.testing.assert_array_equal(np.floor(np.array(got)), np.floor(own))
+        np.testing.assert_allclose(np.array(got), own, atol=1.01 / 128 / 100)
