@@ -94,6 +94,7 @@ _GROUP_SHIFT = 3 * _Q_BITS
 _G_TS, _G_DUR, _G_ROWS, _G_BYTES, _G_STATE, _G_STMT, _G_SESSION = (
     operator.itemgetter(i) for i in (R_TS, R_DURATION, R_ROWS, R_BYTES, R_SQLSTATE, R_STMT, R_SESSION))
 DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_DELAY_EDGES = np.array(DELAY_BUCKETS)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -695,7 +696,7 @@ class AnomalyScorer:
         now = time.time()
         delays = now - (np.array(ts, dtype=np.float64) + np.asarray(dur, dtype=np.float64) * 1e-6)
         self.delay_sum += float(delays.sum())
-        self.delay_counts += np.bincount(np.searchsorted(DELAY_BUCKETS, delays), minlength=len(DELAY_BUCKETS) + 1)
+        self.delay_counts += np.bincount(_DELAY_EDGES.searchsorted(delays), minlength=len(DELAY_BUCKETS) + 1)
 
     # ---------------------------------------------------------------- flags
 
