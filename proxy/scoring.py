@@ -688,7 +688,6 @@ class AnomalyScorer:
         return kept
 
     def _account(self, ts: list, dur, started: float) -> None:
-        self.busy_seconds += time.thread_time() - started
         self.batches += 1
         n = len(ts)
         self.batch_sum += n
@@ -697,6 +696,7 @@ class AnomalyScorer:
         delays = now - (np.array(ts, dtype=np.float64) + np.asarray(dur, dtype=np.float64) * 1e-6)
         self.delay_sum += float(delays.sum())
         self.delay_counts += np.bincount(_DELAY_EDGES.searchsorted(delays), minlength=len(DELAY_BUCKETS) + 1)
+        self.busy_seconds += time.thread_time() - started   # the accounting above is the scorer's work too
 
     # ---------------------------------------------------------------- flags
 
