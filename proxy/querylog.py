@@ -289,6 +289,7 @@ class StatementFeed:
 
 _SQL_OF = operator.itemgetter(R_SQL)
 _SINGLE = operator.attrgetter("single")
+_PROTOCOL_OF = {-1: "extended"}   # by a record's statement index: -1 for an Execute, else a simple Query
 _ZERO_BYTES = bytes.maketrans(b"123456789", b"000000000")
 _ZERO_STR = str.maketrans("123456789", "000000000")
 _DIGIT = re.compile(r"\d")
@@ -1007,7 +1008,7 @@ class QueryLog:
 
         The usual batch (every text analysed, one statement each, no parameter values to keep) is folded a
         column at a time: the records are transposed and each group takes its values with C-level gets and
-        extends, so a record costs a dictionary lookup in Python, not a dozen appends and a stats call.
+        extends, with no Python code per record (a dozen appends and a stats call each, record by record).
         """
         if not self.cfg.parameters and None not in infos:
             stmts = list(map(_SINGLE, infos))
@@ -1031,10 +1032,10 @@ class QueryLog:
         else:
             score_col = scores
         # Each record's group number (a key's first record sets it), then the record numbers of each group, in
-        # order: C-level maps and a sort, no Python code per record.
+        # order: C-level maps and a sort, no Python code per record. Keys as _fold_each makes them.
+        protocols = map(_PROTOCOL_OF.get, cols[R_STMT], itertools.repeat("simple"))
         index: dict[tuple, int] = {}
-        # The statement index is in the key as it comes (-1 extended; 0, or None from submit(), simple).
-        number = list(map(index.setdefault, zip(stmts, cols[R_SESSION], cols[R_STMT], cols[R_CACHE], cols[R_REWRITE]),
+        number = list(map(index.setdefault, zip(stmts, cols[R_SESSION], protocols, cols[R_CACHE], cols[R_REWRITE]),
                           itertools.count()))
         if len(index) == 1:
             members = [(next(iter(index)), range(len(records)))]
@@ -1064,7 +1065,7 @@ class QueryLog:
             g = groups.get(key)
             while taken[0]:
                 if g is None:
-                    g = groups[key] = _Group(s, key[1], "extended" if key[2] == -1 else "simple", key[3], key[4])
+                    g = groups[key] = _Group(s, key[1], key[2], key[3], key[4])
                 room = _GROUP_MAX - len(g.ts)
                 if len(taken[0]) < room:
                     g.extend(taken)
@@ -1101,11 +1102,11 @@ class QueryLog:
                     (ts, duration, wait, _, nrows, nbytes, sqlstate, who, pid, xact, in_xact, _, _, cache_outcome,
                      rewrite, own_score) = rec
                     observe(s.fingerprint, s.normalized, s.kind, duration, nrows, sqlstate is not None)
-                    key = (s, who, idx == -1, cache_outcome, rewrite)
+                    protocol = "extended" if idx == -1 else "simple"
+                    key = (s, who, protocol, cache_outcome, rewrite)
                     g = groups.get(key)
                     if g is None:
-                        g = groups[key] = _Group(s, who, "extended" if idx == -1 else "simple", cache_outcome,
-                                                 rewrite)
+                        g = groups[key] = _Group(s, who, protocol, cache_outcome, rewrite)
                     g.add(ts, duration, wait, nrows, nbytes, sqlstate, pid, xact, in_xact,
                           own_score if score is None else score, params)
                     if len(g.ts) >= _GROUP_MAX:
@@ -1132,7 +1133,7 @@ class QueryLog:
             bshare = nbytes // k + (nbytes % k if last else 0)
             srows, ssqlstate = (nrows, sqlstate) if last else (None, None)
             observe(s.fingerprint, s.normalized, s.kind, share, srows, ssqlstate is not None)
-            key = (s, who, idx == -1, cache_outcome, rewrite)
+            key = (s, who, protocol, cache_outcome, rewrite)
             g = self._open.get(key)
             if g is None:
                 g = self._open[key] = _Group(s, who, protocol, cache_outcome, rewrite)
