@@ -37,6 +37,7 @@ _ELEMENT = {
     OID_BOOL: (np.dtype([("n", ">i4"), ("v", "?")]), 1, struct.Struct(">i?")),
     OID_FLOAT4: (np.dtype([("n", ">i4"), ("v", ">f4")]), 4, struct.Struct(">if")),
 }
+_INTEGER = frozenset((OID_INT8, OID_INT4))   # numpy refuses None for these; bool and float4 would take it
 
 
 def row_head(fields: int) -> bytes:
@@ -95,9 +96,6 @@ def fixed_array(values, oid: int) -> bytes:
         return _packed(values, n, dtype, width, oid)
     body = b"".join(NULL if v is None else element.pack(width, v) for v in values)
     return _ARRAY_HEAD.pack(20 + len(body), 1, 1, oid, n, 1) + body
-
-
-_INTEGER = frozenset((OID_INT8, OID_INT4))
 
 
 def _packed(values, n: int, dtype, width: int, oid: int) -> bytes:

@@ -434,7 +434,7 @@ class AnomalyScorer:
         return f
 
     def _part(self, key: tuple) -> StatementRow:
-        """The fixed part of an (analysis, statement index, session) not in _by_record yet."""
+        """The fixed part of an (analysis, statement index, session): remembered, or made and remembered."""
         part = self._by_record.get(key)
         if part is None:
             info, idx, who = key
