@@ -1467,12 +1467,13 @@ class QueryLog:
         expired = {d for d in days if d < cutoff}
         async with self._conn_lock:
             for day in sorted(days - expired):
-                try:
-                    await self._conn.execute(logstore.partition_ddl(_date_of_day(day)))
-                except Exception as e:
-                    if _is_transient(e):
-                        raise
-                    # Created by another proxy at the same moment: check below.
+                for statement in logstore.partition_ddl(_date_of_day(day)):
+                    try:
+                        await self._conn.execute(statement)
+                    except Exception as e:
+                        if _is_transient(e):
+                            raise
+                        # Created by another proxy at the same moment: check below.
                 self._partitions.add(day)
         return expired
 

@@ -281,3 +281,45 @@ def test_a_group_past_its_size_bound_continues_in_a_new_row(tmp_path, store_dsn)
                             "FROM pgpilot.query_event_groups") == [(3, 2500, 1000)]
     assert fetch(store_dsn, "SELECT count(DISTINCT xact_id), min(xact_id), max(xact_id) FROM pgpilot.query_events") \
         == [(2500, 0, 2499)]
+
+
+def test_setting_up_the_store_never_deadlocks_with_its_readers(store_dsn):
+    # A proxy sets the store up whenever it (re)connects, while learners, advisors and consoles read
+    # pgpilot.query_events. A reader locks the view, then the tables behind it; the set-up must never hold a lock
+    # on one of those tables while it waits for another (as one multi-statement transaction, it did).
+    import threading
+
+    import asyncpg
+
+    from proxy.logstore import ensure_schema
+    with psycopg.connect(store_dsn, autocommit=True) as conn:
+        ensure_schema_sync(conn)
+    errors: list = []
+    stop = threading.Event()
+
+    def read():
+        with psycopg.connect(store_dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                try:
+                    conn.execute("SELECT count(*) FROM pgpilot.query_events").fetchone()
+                except psycopg.Error as e:
+                    errors.append(e)
+
+    async def set_up(times: int) -> None:
+        conn = await asyncpg.connect(store_dsn)
+        try:
+            for _ in range(times):
+                await ensure_schema(conn)
+        finally:
+            await conn.close()
+
+    readers = [threading.Thread(target=read) for _ in range(4)]
+    for t in readers:
+        t.start()
+    try:
+        asyncio.run(set_up(60))
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert not errors, errors[:3]
