@@ -1085,13 +1085,18 @@ class ClientSession(asyncio.Protocol):
                     e.done += 1
                     out.append(raw)
                     continue
-                # Extended protocol: the server skips everything up to the next Sync.
+                # Extended protocol: the server skips everything up to the next Sync. The statement that failed
+                # is the Execute, or, when a Parse or Bind failed, the first Execute the error skipped.
                 pending.popleft()
-                if e.kind == F_EXECUTE:
-                    self._statement_done(e, None, P.error_sqlstate(raw), out)
+                failed = e if e.kind == F_EXECUTE else None
                 self._parse_failed(be, e)
                 while pending and pending[0].kind != F_SYNC:
-                    self._parse_failed(be, pending.popleft())
+                    skipped = pending.popleft()
+                    if failed is None and skipped.kind == F_EXECUTE:
+                        failed = skipped
+                    self._parse_failed(be, skipped)
+                if failed is not None:
+                    self._statement_done(failed, None, P.error_sqlstate(raw), out)
                 out.append(raw)
             elif t == B_PARAMETER_STATUS:
                 name, pos = P.read_cstring(raw, 5)

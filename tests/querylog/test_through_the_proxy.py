@@ -70,3 +70,36 @@ def test_bound_parameters_are_not_logged_without_the_option(pg, fresh_db, proxy_
 
     assert fetch(store, "SELECT protocol, parameters FROM pgpilot.query_events ORDER BY ts") == [
         ("extended", None), ("simple", None)]
+
+
+def test_a_statement_refused_at_parse_or_bind_is_logged_with_its_error(pg, fresh_db, proxy_factory, tmp_path):
+    # In the extended protocol a statement can fail before its Execute: a missing table at Parse, a value of the
+    # wrong type at Bind. The server then skips the Execute; the log still gets the statement, with the SQLSTATE.
+    store = pg.dsn_for(fresh_db)
+    proxy = proxy_factory(dbname=fresh_db, query_log={"enabled": True, "dsn": store, "flush_interval": 0.05,
+                                                      "spool_dir": str(tmp_path / "spool")})
+    with psycopg.connect(proxy.dsn(fresh_db), autocommit=True) as client:
+        client.execute("CREATE TABLE acc (id int PRIMARY KEY)")
+        client.execute("INSERT INTO acc VALUES (1)")
+        for sql, args in (("SELECT id FROM missing WHERE id = %s", (1,)),          # Parse: 42P01
+                          ("SELECT id FROM acc WHERE id = %t", ("one",)),          # Bind: 22P02
+                          ("SELECT id FROM acc WHERE id = 1 / %s", (0,)),          # Bind (planned on it): 22012
+                          ("SELECT id FROM acc WHERE id / (id - %s) = 1", (1,))):  # Execute: 22012
+            try:
+                client.execute(sql, args)
+            except psycopg.Error:
+                pass
+            else:
+                raise AssertionError(f"{sql} did not fail")
+        client.execute("SELECT id FROM acc WHERE id = %s", (1,))                   # and the session goes on
+    proxy.stop()
+
+    rows = fetch(store, "SELECT e.protocol, t.normalized_sql, e.sqlstate FROM pgpilot.query_events e "
+                        "JOIN pgpilot.templates t USING (fingerprint) WHERE e.kind = 'select' ORDER BY e.ts, e.xact_id")
+    assert rows == [
+        ("extended", "SELECT id FROM missing WHERE id = $1", "42P01"),
+        ("extended", "SELECT id FROM acc WHERE id = $1", "22P02"),
+        ("extended", "SELECT id FROM acc WHERE id = $2 / $1", "22012"),
+        ("extended", "SELECT id FROM acc WHERE id / (id - $1) = $2", "22012"),
+        ("extended", "SELECT id FROM acc WHERE id = $1", None),
+    ]
