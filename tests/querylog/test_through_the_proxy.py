@@ -6,10 +6,15 @@ import psycopg
 from tests.querylog.conftest import fetch
 
 
+def logging_proxy(pg, db, proxy_factory, tmp_path, **query_log):
+    """A proxy logging every statement to database db of the same cluster: (the store's DSN, the proxy)."""
+    store = pg.dsn_for(db)
+    return store, proxy_factory(dbname=db, query_log={"enabled": True, "dsn": store, "flush_interval": 0.05,
+                                                      "spool_dir": str(tmp_path / "spool"), **query_log})
+
+
 def test_statements_through_the_proxy_land_in_the_log_one_row_each(pg, fresh_db, proxy_factory, tmp_path):
-    store = pg.dsn_for(fresh_db)
-    proxy = proxy_factory(dbname=fresh_db, query_log={"enabled": True, "dsn": store, "flush_interval": 0.05,
-                                                      "spool_dir": str(tmp_path / "spool")})
+    store, proxy = logging_proxy(pg, fresh_db, proxy_factory, tmp_path)
     # psycopg sends statements without parameters in the simple protocol, the others in the extended one.
     with psycopg.connect(proxy.dsn(fresh_db), autocommit=True) as client:
         client.execute("CREATE TABLE acc (id int PRIMARY KEY, bal int)")
@@ -33,9 +38,7 @@ def test_statements_through_the_proxy_land_in_the_log_one_row_each(pg, fresh_db,
 
 
 def test_bound_parameters_are_logged_with_the_parameters_option(pg, fresh_db, proxy_factory, tmp_path):
-    store = pg.dsn_for(fresh_db)
-    proxy = proxy_factory(dbname=fresh_db, query_log={"enabled": True, "dsn": store, "flush_interval": 0.05,
-                                                      "parameters": True, "spool_dir": str(tmp_path / "spool")})
+    store, proxy = logging_proxy(pg, fresh_db, proxy_factory, tmp_path, parameters=True)
     with psycopg.connect(proxy.dsn(fresh_db), autocommit=True) as client:
         client.execute("CREATE TABLE acc (id int PRIMARY KEY, name text, photo bytea)")
         # %t: text format; psycopg sends a Python int in binary otherwise, stored as \x and hex like any binary value.
@@ -60,9 +63,7 @@ def test_bound_parameters_are_logged_with_the_parameters_option(pg, fresh_db, pr
 
 
 def test_bound_parameters_are_not_logged_without_the_option(pg, fresh_db, proxy_factory, tmp_path):
-    store = pg.dsn_for(fresh_db)
-    proxy = proxy_factory(dbname=fresh_db, query_log={"enabled": True, "dsn": store, "flush_interval": 0.05,
-                                                      "spool_dir": str(tmp_path / "spool")})
+    store, proxy = logging_proxy(pg, fresh_db, proxy_factory, tmp_path)
     with psycopg.connect(proxy.dsn(fresh_db), autocommit=True) as client:
         client.execute("SELECT %s::int + 1", (41,))
         client.execute("SELECT 2 WHERE 'a' = 'b'")
@@ -75,9 +76,7 @@ def test_bound_parameters_are_not_logged_without_the_option(pg, fresh_db, proxy_
 def test_a_statement_refused_at_parse_or_bind_is_logged_with_its_error(pg, fresh_db, proxy_factory, tmp_path):
     # In the extended protocol a statement can fail before its Execute: a missing table at Parse, a value of the
     # wrong type at Bind. The server then skips the Execute; the log still gets the statement, with the SQLSTATE.
-    store = pg.dsn_for(fresh_db)
-    proxy = proxy_factory(dbname=fresh_db, query_log={"enabled": True, "dsn": store, "flush_interval": 0.05,
-                                                      "spool_dir": str(tmp_path / "spool")})
+    store, proxy = logging_proxy(pg, fresh_db, proxy_factory, tmp_path)
     with psycopg.connect(proxy.dsn(fresh_db), autocommit=True) as client:
         client.execute("CREATE TABLE acc (id int PRIMARY KEY)")
         client.execute("INSERT INTO acc VALUES (1)")
