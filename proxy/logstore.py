@@ -31,24 +31,22 @@ def partition_ddl(day: dt.date) -> tuple[str, ...]:
         for table in PARTITIONED)
 
 
+def schema_statements(days: range = range(-1, 3), extra_days: list[dt.date] | None = None) -> list[str]:
+    """The schema, then the partitions of the days around today (and of extra_days), one statement each."""
+    today = dt.datetime.now(dt.timezone.utc).date()
+    wanted = {today + dt.timedelta(days=d) for d in days} | set(extra_days or [])
+    return [*SCHEMA_STATEMENTS, *(statement for day in sorted(wanted) for statement in partition_ddl(day))]
+
+
 async def ensure_schema(conn, days: range = range(-1, 3)) -> None:
     """Create the schema and partitions around today (asyncpg connection, outside a transaction: each statement
     commits on its own)."""
-    for statement in SCHEMA_STATEMENTS:
+    for statement in schema_statements(days):
         await conn.execute(statement)
-    today = dt.datetime.now(dt.timezone.utc).date()
-    for d in days:
-        for statement in partition_ddl(today + dt.timedelta(days=d)):
-            await conn.execute(statement)
 
 
 def ensure_schema_sync(conn, days: range = range(-1, 3), extra_days: list[dt.date] | None = None) -> None:
     """The same for a psycopg (3) connection, for offline tools and tests; extra_days adds older partitions. Each
     statement commits on its own on an autocommit connection; otherwise the caller's transaction holds them all."""
-    for statement in SCHEMA_STATEMENTS:
+    for statement in schema_statements(days, extra_days):
         conn.execute(statement)
-    today = dt.datetime.now(dt.timezone.utc).date()
-    wanted = {today + dt.timedelta(days=d) for d in days} | set(extra_days or [])
-    for day in sorted(wanted):
-        for statement in partition_ddl(day):
-            conn.execute(statement)
