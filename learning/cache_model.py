@@ -9,9 +9,11 @@ pays when, over a window, the DB time its hits save exceeds a lookup cost per re
 byte filled (`cache_lookup_us`, `cache_byte_cost_us`).
 
 `simulate(trace, policy, capacity)` replays a logged trace through a byte-capacity cache that drops entries
-when a table they read is written: never-cache, always-cache (LRU), the model's per-template admission (LRU),
-and an oracle that knows the future (admits only results that will be reused before invalidation, evicts
-the entry whose next use is furthest, Belady-style).
+when a table they read is written: never-cache, always-cache, the model's per-template admission, and an
+oracle that knows the future (admits only results that will be reused before invalidation, evicts the entry
+whose next use is furthest, Belady-style). Always-cache and the model evict as the proxy's in-process tier
+does, by GreedyDual-Size-Frequency (the entry whose hits x execution time per byte, plus an inflation clock,
+is least), or by LRU for comparison.
 """
 from __future__ import annotations
 
@@ -150,21 +152,35 @@ class SimResult:
                 "net_saved_s": self.net_us / 1e6}
 
 
+EVICTIONS = ("gdsf", "lru")
+EVICTION = "gdsf"    # what the proxy's in-process tier does (proxy/cache/l1.py): evaluate what is served
+
+
 def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int] | None = None, *,
-             lookup_us: float = 0.0, byte_cost_us: float = 0.0, measure_from: int = 0) -> SimResult:
+             lookup_us: float = 0.0, byte_cost_us: float = 0.0, measure_from: int = 0,
+             eviction: str = EVICTION) -> SimResult:
     """Replay a trace: policy is never | always | model (admit templates in `admitted`) | oracle.
 
-    The oracle looks up only the reads that will hit (it knows), the others every read they may cache.
-    measure_from: trace position where counting starts; the entries before it only warm the cache.
+    always and model evict by `eviction`: gdsf (GreedyDual-Size-Frequency: the entry of least
+    clock + hits x execution time / bytes, the clock rising to each evicted priority) or lru; the oracle evicts
+    the entry whose next use is furthest. The oracle looks up only the reads that will hit (it knows), the
+    others every read they may cache. measure_from: trace position where counting starts; the entries before
+    it only warm the cache.
     """
+    if eviction not in EVICTIONS:
+        raise ValueError(f"eviction must be one of {EVICTIONS}, not {eviction!r}")
     res = SimResult(policy, capacity_bytes, lookup_us=lookup_us, byte_cost_us=byte_cost_us)
-    entries: OrderedDict[int, float] = OrderedDict()   # key -> bytes, in LRU order
+    entries: dict[int, float] = OrderedDict() if eviction == "lru" else {}   # key -> bytes (lru: in LRU order)
     by_table: dict[int, set[int]] = {}
     tables_of: dict[int, list[int]] = {}
     used = 0.0
-    heap: list[tuple[int, int]] = []                     # oracle: (-next use, key), lazily invalidated
-    next_of: dict[int, int] = {}
     oracle = policy == "oracle"
+    gdsf = eviction == "gdsf" and not oracle
+    heap: list[tuple] = []      # oracle: (-next use, key); gdsf: (priority, residency, key); lazily invalidated
+    next_of: dict[int, int] = {}
+    meta: dict[int, list] = {}  # gdsf: key -> [priority, hits + 1, execution us per byte, residency]
+    clock = 0.0                 # gdsf: the priority of the last entry evicted (or turned away)
+    residency = 0
 
     def drop(k: int) -> None:
         nonlocal used
@@ -174,6 +190,7 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
             if s is not None:
                 s.discard(k)
         next_of.pop(k, None)
+        meta.pop(k, None)
 
     for i in range(len(trace)):
         if i == measure_from and i:
@@ -203,6 +220,10 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
                 else:
                     next_of[k] = nu
                     heapq.heappush(heap, (-nu, k))
+            elif gdsf:
+                m = meta[k]         # its heap item keeps the older, lower priority until it reaches the top
+                m[1] += 1
+                m[0] = clock + m[1] * m[2]
             else:
                 entries.move_to_end(k)
             continue
@@ -211,6 +232,9 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
         size = float(trace.bytes_out[i])
         if size > capacity_bytes:
             continue
+        if gdsf:
+            value = float(trace.duration_us[i]) / max(size, 1.0)
+            priority = clock + value
         while used + size > capacity_bytes and entries:
             if oracle:
                 while True:
@@ -220,6 +244,22 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
                 if -neg < nu:  # everything cached is needed sooner than this result: do not store it
                     heapq.heappush(heap, (neg, victim))
                     break
+                drop(victim)
+            elif gdsf:
+                while True:
+                    h, r, victim = heap[0]
+                    m = meta.get(victim)
+                    if m is None or m[3] != r:
+                        heapq.heappop(heap)                    # dropped since
+                    elif m[0] > h:
+                        heapq.heapreplace(heap, (m[0], r, victim))   # hit since: back at its priority now
+                    else:
+                        break
+                if h >= priority:   # the new result is the least valuable: it goes first
+                    clock = priority
+                    break
+                heapq.heappop(heap)
+                clock = h
                 drop(victim)
             else:
                 drop(next(iter(entries)))
@@ -236,6 +276,14 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
         if oracle:
             next_of[k] = nu
             heapq.heappush(heap, (-nu, k))
+        elif gdsf:
+            residency += 1
+            meta[k] = [priority, 1, value, residency]
+            if len(heap) > 2 * len(meta) + 64:   # items of dropped entries: rebuild from the live ones
+                heap = [(m[0], m[3], key) for key, m in meta.items()]
+                heapq.heapify(heap)
+            else:
+                heapq.heappush(heap, (priority, residency, k))
     return res
 
 
@@ -430,13 +478,15 @@ class CacheEvaluation:
 
 def evaluate(trace: Trace, admitted: set[int] | list[set[int]], capacities_bytes: list[float],
              extra_policies: dict[str, set[int]] | None = None, *, lookup_us: float = 0.0,
-             byte_cost_us: float = 0.0) -> CacheEvaluation:
+             byte_cost_us: float = 0.0, evictions: tuple[str, ...] = (EVICTION,)) -> CacheEvaluation:
     """DB time saved (and net of the cache's costs) by each policy at each cache size over one trace.
 
     admitted: the model's templates, one set for every size or a list of sets, one per size (its threshold
-    chosen for that size)."""
+    chosen for that size). always and model evict by evictions[0]; each further eviction adds the rows
+    always_<eviction> and model_<eviction> (e.g. model_lru), with the same admission."""
     ev = CacheEvaluation(list(capacities_bytes))
     per_size = admitted if isinstance(admitted, list) else [admitted] * len(capacities_bytes)
+    costs = {"lookup_us": lookup_us, "byte_cost_us": byte_cost_us}
     for cap, model_set in zip(capacities_bytes, per_size):
         row = {}
         for policy, adm in [("never", None), ("always", None), ("model", model_set), ("oracle", None),
@@ -445,10 +495,16 @@ def evaluate(trace: Trace, admitted: set[int] | list[set[int]], capacities_bytes
             if pol == "never":  # nothing to replay: it saves nothing and costs nothing
                 r = SimResult("never", cap, reads=int(trace.is_read.sum())).as_dict()
             else:
-                r = simulate(trace, pol, cap, adm, lookup_us=lookup_us, byte_cost_us=byte_cost_us).as_dict()
+                r = simulate(trace, pol, cap, adm, eviction=evictions[0], **costs).as_dict()
             r["policy"] = policy
             row[policy] = r
             ev.table.append(r)
+        for eviction in evictions[1:]:
+            for pol, adm in (("always", None), ("model", model_set)):
+                r = simulate(trace, pol, cap, adm, eviction=eviction, **costs).as_dict()
+                r["policy"] = f"{pol}_{eviction}"
+                row[r["policy"]] = r
+                ev.table.append(r)
         ev.by_capacity[cap] = row
     return ev
 

@@ -40,8 +40,102 @@ def test_a_write_to_a_table_read_invalidates_the_cached_result():
 
 def test_lru_by_bytes_evicts_the_least_recently_used_result():
     trace = make_trace([("r", 0, 1, 100, 60), ("r", 0, 2, 100, 60), ("r", 0, 1, 100, 60)])
-    assert cm.simulate(trace, "always", 100).hits == 0    # key 2 pushed key 1 out
-    assert cm.simulate(trace, "always", 120).hits == 1
+    assert cm.simulate(trace, "always", 100, eviction="lru").hits == 0    # key 2 pushed key 1 out
+    assert cm.simulate(trace, "always", 120, eviction="lru").hits == 1
+
+
+def test_gdsf_keeps_a_costly_result_that_lru_lets_cheap_ones_push_out():
+    # one 140 ms result of 45 bytes, then 50 distinct 100 us results of 10 bytes, then the costly one again
+    events = [("r", 0, 1, 140_000, 45)] + [("r", 1, 100 + j, 100, 10) for j in range(50)] + [("r", 0, 1, 140_000, 45)]
+    trace = make_trace(events)
+    lru = cm.simulate(trace, "always", 100, eviction="lru")
+    gdsf = cm.simulate(trace, "always", 100, eviction="gdsf")
+    assert (lru.hits, lru.saved_us) == (0, 0.0)
+    assert (gdsf.hits, gdsf.saved_us) == (1, 140_000.0)
+    assert cm.simulate(trace, "always", 100).saved_us == 140_000.0    # gdsf is the default, as in the proxy
+
+
+def test_gdsf_evicts_the_entry_with_fewer_hits_among_equally_valuable_ones():
+    # keys 1 and 2 cost the same per byte; key 1 was hit once; key 3 needs the room of one of them
+    trace = make_trace([("r", 0, 1, 100, 50), ("r", 0, 1, 100, 50), ("r", 0, 2, 100, 50), ("r", 0, 3, 101, 50),
+                        ("r", 0, 1, 100, 50)])
+    assert cm.simulate(trace, "always", 100, eviction="gdsf").hits == 2
+    assert cm.simulate(trace, "always", 100, eviction="lru").hits == 1     # LRU let key 1 go
+
+
+def test_gdsf_turns_away_a_result_worth_less_than_everything_cached():
+    trace = make_trace([("r", 0, 1, 900, 50), ("r", 0, 2, 900, 50), ("r", 0, 3, 10, 50), ("r", 0, 1, 900, 50),
+                        ("r", 0, 2, 900, 50)])
+    r = cm.simulate(trace, "always", 100, eviction="gdsf")
+    assert (r.hits, r.evictions, r.filled_bytes) == (2, 0, 100.0)
+
+
+def test_gdsf_ages_out_a_costly_result_that_is_not_reused():
+    # the clock rises with each eviction: cheap results eventually outrank an old costly one never hit again
+    events = [("r", 0, 1, 500, 100)] + [("r", 1, 100 + j, 100, 100) for j in range(20)] + [("r", 0, 1, 500, 100)]
+    trace = make_trace(events)
+    assert cm.simulate(trace, "always", 200, eviction="gdsf").hits == 0
+    assert cm.simulate(make_trace(events[:4] + events[-1:]), "always", 200, eviction="gdsf").hits == 1
+
+
+def reference_gdsf(trace, capacity):
+    """GDSF by scanning every entry: (hits, saved us) to check the simulator's lazily invalidated heap."""
+    entries, clock, residency, hits, saved = {}, 0.0, 0, 0, 0.0   # key -> [priority, residency, freq, value, size]
+    for i in range(len(trace)):
+        tid = int(trace.template[i])
+        if not trace.is_read[i]:
+            for k in [k for k in entries if set(trace.reads_tables[int(entries[k][5])]) & set(trace.writes_tables[tid])]:
+                del entries[k]
+            continue
+        k = int(trace.key[i])
+        if k in entries:
+            e = entries[k]
+            hits, saved = hits + 1, saved + float(trace.duration_us[i])
+            e[2] += 1
+            e[0] = clock + e[2] * e[3]
+            continue
+        size = float(trace.bytes_out[i])
+        value = float(trace.duration_us[i]) / max(size, 1.0)
+        priority = clock + value
+        used = sum(e[4] for e in entries.values())
+        stored = True
+        while used + size > capacity and entries:
+            victim = min(entries, key=lambda x: (entries[x][0], entries[x][1]))
+            if entries[victim][0] >= priority:
+                clock = priority
+                stored = False
+                break
+            clock = entries[victim][0]
+            used -= entries.pop(victim)[4]
+        if stored and used + size <= capacity:
+            residency += 1
+            entries[k] = [priority, residency, 1, value, size, tid]
+    return hits, saved
+
+
+def test_gdsf_with_invalidations_matches_a_scan_of_every_entry():
+    rng = np.random.default_rng(3)
+    events = []
+    for _ in range(3000):
+        if rng.random() < 0.05:
+            events.append(("w", 3))
+        else:
+            t = int(rng.choice([0, 1, 2]))
+            events.append(("r", t, int(rng.zipf(1.3)) % 400 + 1000 * t, int(rng.integers(10, 5000)),
+                           int(rng.integers(1, 300))))
+    # a key is one result: its cost and size are those of its first read
+    first = {}
+    events = [e if e[0] == "w" else (*e[:3], *first.setdefault(e[2], e[3:])) for e in events]
+    trace = make_trace(events)
+    for capacity in (300, 2000, 10_000):
+        r = cm.simulate(trace, "always", capacity, eviction="gdsf")
+        assert r.hits > 0
+        assert (r.hits, r.saved_us) == reference_gdsf(trace, capacity)
+
+
+def test_an_unknown_eviction_is_refused():
+    with pytest.raises(ValueError):
+        cm.simulate(make_trace([("r", 0, 1, 1, 1)]), "always", 10, eviction="fifo")
 
 
 def test_the_oracle_keeps_what_is_reused_and_never_does_worse_than_always():
@@ -97,13 +191,22 @@ def cache_evaluation(event_log):
     trace = cm.build_trace(event_log, test)
     total = cm.distinct_result_bytes(trace)
     capacities = [total * 0.002, total * 0.01]
-    return cm.evaluate(trace, admitted, capacities, lookup_us=20.0, byte_cost_us=0.01), capacities
+    return cm.evaluate(trace, admitted, capacities, lookup_us=20.0, byte_cost_us=0.01,
+                       evictions=("gdsf", "lru")), capacities
 
 
-def test_under_cache_pressure_the_model_saves_more_than_always_caching(cache_evaluation):
+def test_under_cache_pressure_with_lru_eviction_the_model_saves_more_than_always_caching(cache_evaluation):
     evaluation, (small, _) = cache_evaluation
     row = evaluation.by_capacity[small]
-    assert row["model"]["db_time_saved_s"] > row["always"]["db_time_saved_s"]
+    assert row["model_lru"]["db_time_saved_s"] > row["always_lru"]["db_time_saved_s"]
+
+
+def test_under_cache_pressure_gdsf_eviction_saves_more_than_lru(cache_evaluation):
+    # evicting by value keeps the results that save the most per byte, whatever the admission
+    evaluation, (small, _) = cache_evaluation
+    row = evaluation.by_capacity[small]
+    assert row["always"]["db_time_saved_s"] > row["always_lru"]["db_time_saved_s"]
+    assert row["model"]["db_time_saved_s"] > row["model_lru"]["db_time_saved_s"]
 
 
 def test_net_of_lookups_and_storage_the_model_beats_always_caching(cache_evaluation):
@@ -124,6 +227,14 @@ def test_each_cache_size_replays_the_model_with_its_own_admission_set():
     evaluation = cm.evaluate(trace, [{0}, {0, 1}], [1000, 2000])
     assert evaluation.by_capacity[1000]["model"]["db_time_saved_s"] == 400 / 1e6
     assert evaluation.by_capacity[2000]["model"]["db_time_saved_s"] == 600 / 1e6
+
+
+def test_the_evaluation_can_show_lru_next_to_gdsf():
+    events = [("r", 0, 1, 140_000, 45)] + [("r", 1, 100 + j, 100, 10) for j in range(50)] + [("r", 0, 1, 140_000, 45)]
+    evaluation = cm.evaluate(make_trace(events), {0, 1}, [100], evictions=("gdsf", "lru"))
+    row = evaluation.by_capacity[100]
+    assert row["model"]["db_time_saved_s"] == row["always"]["db_time_saved_s"] == 0.14
+    assert row["model_lru"]["db_time_saved_s"] == row["always_lru"]["db_time_saved_s"] == 0.0
 
 
 def test_a_cache_large_enough_for_every_result_may_admit_every_template(event_log):
