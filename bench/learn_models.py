@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -252,17 +253,30 @@ def print_results(results: dict) -> None:
           f"{_med(a, 'distillation', 'max_abs_diff'):.3f}")
 
     c = [r["models"].get("cache", {}) for r in rounds]
-    print("\nCACHE  DB time saved (s) replaying the held-out trace; net = minus lookups and bytes stored")
+    print("\nCACHE  DB time saved (s) replaying the held-out trace; net = minus lookups and bytes stored;")
+    print("       always and model evict by GDSF as the proxy's L1 does; *_lru: the same admission, LRU eviction")
     print(f"{'cache size':>11}{'never':>8}{'always':>8}{'model':>8}{'oracle':>8}{'model/oracle':>13}"
-          f"{'always/oracle':>14}{'net always':>11}{'net model':>10}{'admit at':>9}")
-    for k, row in enumerate(c[0].get("simulation") or []):
-        def m(key):
-            values = [x["simulation"][k].get(key) for x in c if x.get("simulation")]
-            values = [v for v in values if v is not None]
-            return statistics.median(values) if values else float("nan")
-        print(f"{100 * row['capacity_share']:>10.1f}%{m('never'):>8.2f}{m('always'):>8.2f}{m('model'):>8.2f}"
-              f"{m('oracle'):>8.2f}{m('model_vs_oracle'):>13.2f}{m('always_vs_oracle'):>14.2f}"
-              f"{m('always_net'):>11.2f}{m('model_net'):>10.2f}{m('threshold'):>9.2f}")
+          f"{'always/oracle':>14}{'net always':>11}{'net model':>10}{'admit at':>9}{'model_lru/or':>13}"
+          f"{'always_lru/or':>14}")
+
+    def m(k, key):
+        values = [x["simulation"][k].get(key) for x in c if x.get("simulation")]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else float("nan")
+    sizes = c[0].get("simulation") or []
+    for k, row in enumerate(sizes):
+        print(f"{100 * row['capacity_share']:>10.1f}%{m(k, 'never'):>8.2f}{m(k, 'always'):>8.2f}{m(k, 'model'):>8.2f}"
+              f"{m(k, 'oracle'):>8.2f}{m(k, 'model_vs_oracle'):>13.2f}{m(k, 'always_vs_oracle'):>14.2f}"
+              f"{m(k, 'always_net'):>11.2f}{m(k, 'model_net'):>10.2f}{m(k, 'threshold'):>9.2f}"
+              f"{m(k, 'model_lru_vs_oracle'):>13.2f}{m(k, 'always_lru_vs_oracle'):>14.2f}")
+    if n > 1 and sizes:
+        print("per round: model/oracle always/oracle (the same with LRU eviction) at " + " / ".join(
+            f"{100 * row['capacity_share']:g}%" for row in sizes))
+        for r, x in enumerate(c):
+            cells = [f"{s.get('model_vs_oracle', math.nan):.3f} {s.get('always_vs_oracle', math.nan):.3f} "
+                     f"({s.get('model_lru_vs_oracle', math.nan):.3f} {s.get('always_lru_vs_oracle', math.nan):.3f})"
+                     for s in x.get("simulation") or []]
+            print(f"  round {r + 1}: " + " | ".join(cells))
 
     print("\nSERVING  ONNX vs native, onnxruntime one thread")
     print(f"{'model':<22}{'max |diff|':>12}{'us/row single':>15}{'us/row batched':>16}")

@@ -365,15 +365,17 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
     trace = cm.build_trace(event_log, test)
     total = max(cm.distinct_result_bytes(trace), 1.0)
     capacities = [total * s for s in CACHE_CAPACITY_SHARES]
-    evaluation = cm.evaluate(trace, [cm.admitted_at(proba, tids, th) for th in thresholds], capacities, **costs)
+    # Evicting as the proxy's in-process tier does (GDSF), and by LRU with the same admission for comparison.
+    evaluation = cm.evaluate(trace, [cm.admitted_at(proba, tids, th) for th in thresholds], capacities,
+                             evictions=(cm.EVICTION, "lru"), **costs)
     table = []
     for share, cap, th in zip(CACHE_CAPACITY_SHARES, capacities, thresholds):
         row = evaluation.by_capacity[cap]
-        table.append({"capacity_share": share, "capacity_mb": cap / 1e6, "threshold": th,
-                      **{p: row[p]["db_time_saved_s"] for p in ("never", "always", "model", "oracle")},
+        policies = ("never", "always", "model", "oracle", "always_lru", "model_lru")
+        table.append({"capacity_share": share, "capacity_mb": cap / 1e6, "threshold": th, "eviction": cm.EVICTION,
+                      **{p: row[p]["db_time_saved_s"] for p in policies},
                       **{f"{p}_net": row[p]["net_saved_s"] for p in ("always", "model", "oracle")},
-                      "model_vs_oracle": evaluation.ratio(cap, "model"),
-                      "always_vs_oracle": evaluation.ratio(cap, "always")})
+                      **{f"{p}_vs_oracle": evaluation.ratio(cap, p) for p in policies[1:] if p != "oracle"}})
     metrics = {"samples": int(len(y)), "positive_share": float(y.mean()), "threshold": threshold,
                "threshold_search": tried, "threshold_by_share": dict(zip(CACHE_CAPACITY_SHARES, thresholds)),
                "byte_cost": chosen, "label_byte_cost_us": label_byte_cost,
