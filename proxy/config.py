@@ -67,6 +67,7 @@ class CacheConfig(_Section):
     enabled: bool = False
     redis_url: str | None = None                 # without it, generations live in-process (one proxy only)
     l1_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    l1_eviction: Literal["gdsf", "lru"] = "gdsf"   # gdsf: least hits x execution time per byte first; lru: least recent
     max_entry_bytes: int = Field(1024 * 1024, ge=0)
     redis_max_bytes: int = Field(512 * 1024 * 1024, ge=0)   # bytes this proxy keeps stored in Redis, at most
     default_ttl: float = Field(300.0, gt=0)      # seconds; a backstop, invalidation is by table generation

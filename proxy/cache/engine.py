@@ -145,7 +145,7 @@ class ResultCache:
                                     cfg.breaker_cooldown, on_message=self._on_message)
         else:
             self.store = LocalStore(cfg.key_prefix)
-        self.l1 = L1Cache(cfg.l1_max_bytes)
+        self.l1 = L1Cache(cfg.l1_max_bytes, cfg.l1_eviction)
         self.templates = TemplateTable()
         self.admission: AdmissionPolicy = admission or HeuristicAdmission(
             cfg.admission_warmup, cfg.admission_min_saved_us, cfg.admission_explore_every, cfg.admission_size_scale,
@@ -542,6 +542,7 @@ class ResultCache:
             if l1.tag == tag:
                 self.hits += 1
                 self.hits_l1 += 1
+                self.l1.hit(key, l1)
                 l1.stats.looked_up(True)
                 return l1.payload, token
             self.l1.drop(key)
@@ -649,7 +650,7 @@ class ResultCache:
         stats.admitted += 1
         self.fills += 1
         self.fill_bytes += size
-        self.l1.put(key, L1Entry(tag, payload, stats, tuple(tables)))
+        self.l1.put(key, L1Entry(tag, payload, stats, tuple(tables), exec_us))
 
     # ================================================================ invalidation
 
@@ -825,6 +826,7 @@ class ResultCache:
             "bypass": dict(self.bypass), "uncacheable": dict(self.uncacheable),
             "lookup_batches": self.batches, "fills": self.fills, "fill_bytes": self.fill_bytes, "fills_rejected": dict(self.fills_rejected),
             "l1_bytes": self.l1.bytes, "l1_entries": len(self.l1), "l1_evictions": self.l1.evictions,
+            "l1_turned_away": self.l1.turned_away,
             "stored_bytes_estimate": self._stored_bytes,
             "invalidations": self.invalidations, "invalidated_keys": self.invalidated_keys, "flushes": self.flushes,
             "invalidation_failures": self.invalidation_failures, "decoded_invalidations": self.decoded_invalidations,

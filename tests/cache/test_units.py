@@ -10,6 +10,7 @@ from proxy.cache import NO_KEY, CacheContext, HeuristicAdmission, ResultCache, T
 from proxy.cache import safety as S
 from proxy.cache.context import split_search_path
 from proxy.cache.decoding import parse_qualified
+from proxy.cache import l1 as l1_module
 from proxy.cache.l1 import L1Cache, L1Entry
 from proxy.cache.resp import ReplyParser, RespError, encode_command
 from tests.cache.conftest import cache_config
@@ -136,23 +137,161 @@ def test_resp_bulk_strings_round_trip_through_the_command_encoding(values):
 
 # ---------------------------------------------------------------- L1
 
-def test_l1_evicts_least_recently_used_beyond_its_byte_budget():
-    l1 = L1Cache(max_bytes=3 * 1300)
+def entry(exec_us: float = 100.0, size: int = 1000, tables=("db/public.t",), stats=None) -> L1Entry:
+    """An L1 entry whose payload, tag and overhead take `size` bytes."""
+    payload = b"x" * (size - len("tag") - l1_module._OVERHEAD)
+    return L1Entry("tag", payload, stats, tables, exec_us)
+
+
+def l1_invariants_hold(l1: L1Cache) -> bool:
+    """Bytes are the sum of what is held, the table index names exactly the held entries, and (GDSF) every
+    held entry has its item on the heap at or below its priority."""
+    held = l1._entries
+    index = {(t, k) for t, keys in l1._by_table.items() for k in keys}
+    ok = l1.bytes == sum(e.size for e in held.values()) <= l1.max_bytes
+    ok = ok and index == {(t, k) for k, e in held.items() for t in e.tables}
+    if l1.eviction == "gdsf":
+        items = {(k, stamp): p for p, stamp, k in l1._heap}
+        ok = ok and all(items.get((k, e.stamp), float("inf")) <= e.priority for k, e in held.items())
+    return ok
+
+
+def test_l1_lru_evicts_the_least_recently_hit_beyond_its_byte_budget():
+    l1 = L1Cache(max_bytes=3 * 1300, eviction="lru")
     for k in (b"a", b"b", b"c"):
-        l1.put(k, L1Entry("tag", b"x" * 1000, "t", ("db/public.t",)))
-    l1.get(b"a")
-    l1.put(b"d", L1Entry("tag", b"x" * 1000, "t", ("db/public.t",)))
+        l1.put(k, entry())
+    l1.hit(b"a", l1.get(b"a"))
+    l1.put(b"d", entry())
     assert l1.get(b"b") is None and l1.get(b"a") is not None
-    assert l1.bytes <= l1.max_bytes
+    assert l1.bytes <= l1.max_bytes and l1.evictions == 1
+
+
+def test_l1_gdsf_evicts_the_entry_that_saves_least_postgres_time_per_byte():
+    l1 = L1Cache(max_bytes=3000)
+    l1.put(b"slow", entry(exec_us=140_000, size=1000))
+    l1.put(b"fast", entry(exec_us=100, size=1000))
+    l1.put(b"big", entry(exec_us=20_000, size=1000))
+    l1.hit(b"fast", l1.get(b"fast"))          # hit, and the most recent: LRU would keep it
+    l1.put(b"new", entry(exec_us=5_000, size=1000))
+    assert l1.get(b"fast") is None
+    assert all(l1.get(k) is not None for k in (b"slow", b"big", b"new"))
+    assert l1.evictions == 1 and l1_invariants_hold(l1)
+
+
+def test_l1_gdsf_keeps_the_entry_hit_more_among_equally_valuable_ones():
+    l1 = L1Cache(max_bytes=2000)
+    l1.put(b"a", entry())
+    l1.put(b"b", entry())
+    l1.hit(b"a", l1.get(b"a"))
+    l1.put(b"c", entry(exec_us=101))
+    assert l1.get(b"b") is None and l1.get(b"a") is not None and l1.get(b"c") is not None
+
+
+def test_l1_gdsf_costs_a_result_read_from_the_shared_tier_at_its_template_mean():
+    costly, cheap = TemplateStats("costly"), TemplateStats("cheap")
+    costly.executed(90_000)
+    cheap.executed(50)
+    l1 = L1Cache(max_bytes=2000)
+    l1.put(b"costly", entry(exec_us=None, stats=costly))
+    l1.put(b"cheap", entry(exec_us=None, stats=cheap))
+    l1.put(b"new", entry(exec_us=1_000))
+    assert l1.get(b"cheap") is None and l1.get(b"costly") is not None
+
+
+def test_l1_gdsf_turns_away_a_result_worth_less_than_everything_held():
+    l1 = L1Cache(max_bytes=2000)
+    l1.put(b"a", entry(exec_us=5_000))
+    l1.put(b"b", entry(exec_us=5_000))
+    l1.put(b"c", entry(exec_us=10))
+    assert l1.get(b"c") is None and len(l1) == 2 and l1.bytes == 2000
+    assert (l1.evictions, l1.turned_away) == (0, 1)
+
+
+def test_l1_gdsf_ages_out_a_costly_entry_that_is_not_hit_again():
+    l1 = L1Cache(max_bytes=2000)
+    l1.put(b"old", entry(exec_us=500))
+    for j in range(20):                   # each eviction raises the clock; fresh cheap results outrank it
+        l1.put(b"%d" % j, entry(exec_us=100))
+    assert l1.get(b"old") is None and l1.clock > 0
 
 
 def test_l1_drops_entries_by_the_tables_they_read():
     l1 = L1Cache(max_bytes=1 << 20)
-    l1.put(b"a", L1Entry("tag", b"1", "t", ("db/public.t", "db/public.u")))
-    l1.put(b"b", L1Entry("tag", b"2", "t", ("db/public.u",)))
-    l1.put(b"c", L1Entry("tag", b"3", "t", ("db/public.v",)))
+    l1.put(b"a", entry(tables=("db/public.t", "db/public.u")))
+    l1.put(b"b", entry(tables=("db/public.u",)))
+    l1.put(b"c", entry(tables=("db/public.v",)))
     assert l1.drop_tables(["db/public.t"]) == 1
     assert l1.get(b"a") is None and l1.get(b"b") is not None and l1.get(b"c") is not None
+    assert l1.bytes == 2000 and l1_invariants_hold(l1)
+
+
+L1_OPS = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.integers(0, 15), st.integers(0, 3000), st.integers(250, 900), st.integers(0, 3)),
+    st.tuples(st.just("hit"), st.integers(0, 15)),
+    st.tuples(st.just("drop"), st.integers(0, 15)),
+    st.tuples(st.just("drop_tables"), st.integers(0, 3)),
+    st.tuples(st.just("clear"),)), max_size=300)
+
+
+@given(L1_OPS, st.sampled_from(["gdsf", "lru"]))
+@settings(max_examples=150, deadline=None)
+def test_l1_accounting_stays_exact_through_puts_hits_and_drops(ops, eviction):
+    l1 = L1Cache(max_bytes=3000, eviction=eviction)
+    for op in ops:
+        if op[0] == "put":
+            _, k, exec_us, size, t = op
+            l1.put(b"%d" % k, entry(exec_us, size, (f"db/public.t{t}", f"db/public.t{(t + 1) % 4}")))
+        elif op[0] == "hit":
+            e = l1.get(b"%d" % op[1])
+            if e is not None:
+                l1.hit(b"%d" % op[1], e)
+        elif op[0] == "drop":
+            l1.drop(b"%d" % op[1])
+        elif op[0] == "drop_tables":
+            gone = [k for k, e in l1._entries.items() if f"db/public.t{op[1]}" in e.tables]
+            assert l1.drop_tables([f"db/public.t{op[1]}"]) == len(gone)
+            assert all(l1.get(k) is None for k in gone)
+        else:
+            l1.clear()
+            assert (len(l1), l1.bytes) == (0, 0)
+        assert l1_invariants_hold(l1)
+
+
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(1, 5000), st.integers(250, 900), st.booleans()),
+                max_size=200))
+@settings(max_examples=100, deadline=None)
+def test_l1_gdsf_holds_what_a_scan_for_the_least_priority_would_hold(ops):
+    """The lazily invalidated heap evicts as a scan of every entry for the least (priority, age) would."""
+    l1 = L1Cache(max_bytes=3000)
+    ref, clock, age = {}, 0.0, 0      # key -> [priority, age, freq, value, size]
+    for k, exec_us, size, hit in ops:
+        key = b"%d" % k
+        if hit and key in ref:
+            l1.hit(key, l1.get(key))
+            r = ref[key]
+            r[2] += 1
+            r[0] = clock + r[2] * r[3]
+            continue
+        l1.put(key, entry(exec_us, size))
+        ref.pop(key, None)
+        value = exec_us / size
+        priority = clock + value
+        while sum(r[4] for r in ref.values()) + size > 3000 and ref:
+            victim = min(ref, key=lambda x: (ref[x][0], ref[x][1]))
+            if ref[victim][0] >= priority:
+                clock, priority = priority, None
+                break
+            clock = ref.pop(victim)[0]
+        if priority is not None:
+            age += 1
+            ref[key] = [priority, age, 1, value, size]
+        assert set(l1._entries) == set(ref)
+        assert l1_invariants_hold(l1)
+
+
+def test_l1_refuses_an_unknown_eviction():
+    with pytest.raises(ValueError):
+        L1Cache(1000, eviction="fifo")
 
 
 # ---------------------------------------------------------------- admission
