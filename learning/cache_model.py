@@ -17,6 +17,7 @@ is least), or by LRU for comparison.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import math
@@ -51,6 +52,13 @@ class Trace:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @functools.cached_property
+    def columns(self) -> tuple[list, list, list, list, list, list]:
+        """(template, is_read, key, next_use, duration_us, bytes_out) as Python lists: a replay reads them item
+        by item, and a list item costs a fraction of a numpy scalar."""
+        return (self.template.tolist(), self.is_read.tolist(), self.key.tolist(), self.next_use.tolist(),
+                self.duration_us.astype(float).tolist(), self.bytes_out.astype(float).tolist())
 
 
 def _has_parameters(sql: str) -> bool:
@@ -192,11 +200,13 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
         next_of.pop(k, None)
         meta.pop(k, None)
 
-    for i in range(len(trace)):
+    template, is_read, key, next_use, duration_us, bytes_out = trace.columns
+    inf = int(_INF)
+    for i in range(len(template)):
         if i == measure_from and i:
             res = SimResult(policy, capacity_bytes, lookup_us=lookup_us, byte_cost_us=byte_cost_us)
-        tid = int(trace.template[i])
-        if not trace.is_read[i]:
+        tid = template[i]
+        if not is_read[i]:
             for x in trace.writes_tables[tid]:
                 victims = by_table.pop(x, None)
                 if victims:
@@ -207,15 +217,15 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
         res.reads += 1
         if policy == "never" or (policy == "model" and tid not in admitted):
             continue
-        k = int(trace.key[i])
+        k = key[i]
         res.lookups += not oracle
-        nu = int(trace.next_use[i])
+        nu = next_use[i]
         if k in entries:
             res.hits += 1
             res.lookups += oracle
-            res.saved_us += float(trace.duration_us[i])
+            res.saved_us += duration_us[i]
             if oracle:
-                if nu == _INF:
+                if nu == inf:
                     drop(k)
                 else:
                     next_of[k] = nu
@@ -227,13 +237,13 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
             else:
                 entries.move_to_end(k)
             continue
-        if oracle and nu == _INF:
+        if oracle and nu == inf:
             continue  # never reused before it is invalidated: the oracle does not store it
-        size = float(trace.bytes_out[i])
+        size = bytes_out[i]
         if size > capacity_bytes:
             continue
         if gdsf:
-            value = float(trace.duration_us[i]) / max(size, 1.0)
+            value = duration_us[i] / max(size, 1.0)
             priority = clock + value
         while used + size > capacity_bytes and entries:
             if oracle:
@@ -280,7 +290,7 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
             residency += 1
             meta[k] = [priority, 1, value, residency]
             if len(heap) > 2 * len(meta) + 64:   # items of dropped entries: rebuild from the live ones
-                heap = [(m[0], m[3], key) for key, m in meta.items()]
+                heap = [(m[0], m[3], held) for held, m in meta.items()]
                 heapq.heapify(heap)
             else:
                 heapq.heappush(heap, (priority, residency, k))
