@@ -10,6 +10,7 @@ invalidations), not for correctness.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
 from itertools import count
 
@@ -26,9 +27,11 @@ class L1Entry:
         self.stats = stats          # the template's TemplateStats (hits are counted there)
         self.tables = tables
         self.size = len(payload) + len(tag) + _OVERHEAD
-        if exec_us is None:         # not executed here (read from the shared tier): the template's mean
-            exec_us = stats.mean_exec_us if stats is not None else 0.0
-        self.value = exec_us / self.size    # Postgres microseconds a hit saves, per byte held
+        if exec_us is None and stats is not None and stats.offered:
+            exec_us = stats.mean_exec_us    # read from the shared tier: the template's mean here
+        # Postgres microseconds a hit saves, per byte held; None: never executed by this process (another proxy
+        # stored it), valued as the entries stored lately are (L1Cache.put)
+        self.value = exec_us / self.size if exec_us is not None else None
         self.freq = 1               # 1 + hits while held
         self.priority = 0.0
         self.stamp = 0              # which put made it: heap items of an entry since replaced are skipped
@@ -48,6 +51,7 @@ class L1Cache:
         self.clock = 0.0            # gdsf: the priority of the last entry evicted or turned away
         self.evictions = 0
         self.turned_away = 0        # gdsf: results worth less than everything held, not stored
+        self._log_value = 0.0       # gdsf: moving average of log(value) of the entries stored with a known cost
         self.hit = self._hit_gdsf if eviction == "gdsf" else self._hit_lru
 
     def __len__(self) -> int:
@@ -71,6 +75,10 @@ class L1Cache:
             return
         self.drop(key)
         if self.eviction == "gdsf":
+            if entry.value is None:
+                entry.value = math.exp(self._log_value)
+            else:
+                self._log_value += (math.log(entry.value + 1e-9) - self._log_value) / 64
             priority = self.clock + entry.value
             while self.bytes + entry.size > self.max_bytes and self._entries:
                 victim, lowest = self._lowest()

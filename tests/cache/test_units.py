@@ -198,6 +198,23 @@ def test_l1_gdsf_costs_a_result_read_from_the_shared_tier_at_its_template_mean()
     assert l1.get(b"cheap") is None and l1.get(b"costly") is not None
 
 
+def test_l1_gdsf_values_a_result_of_a_template_never_executed_here_like_the_entries_stored_lately():
+    # another proxy stored it: no execution time is known here, so it is neither kept first nor evicted first
+    unknown = TemplateStats("filled elsewhere")
+    l1 = L1Cache(max_bytes=1 << 20)
+    for j in range(200):
+        l1.put(b"%d" % j, entry(exec_us=1000 if j % 2 else 100))
+    l1.put(b"elsewhere", entry(exec_us=None, stats=unknown))
+    assert 100 / 1000 < l1.get(b"elsewhere").value < 1000 / 1000
+    l1 = L1Cache(max_bytes=3000)
+    l1.put(b"cheap", entry(exec_us=10))
+    l1.put(b"costly", entry(exec_us=90_000))
+    l1.put(b"elsewhere", entry(exec_us=None, stats=unknown))
+    l1.put(b"new", entry(exec_us=5_000))
+    assert l1.get(b"cheap") is None
+    assert all(l1.get(k) is not None for k in (b"costly", b"elsewhere", b"new"))
+
+
 def test_l1_gdsf_turns_away_a_result_worth_less_than_everything_held():
     l1 = L1Cache(max_bytes=2000)
     l1.put(b"a", entry(exec_us=5_000))
