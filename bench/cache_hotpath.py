@@ -76,7 +76,9 @@ async def run(rounds: int, calls: int) -> dict:
 
         client = redis_py.Redis.from_url(rs.url, retry=Retry(NoBackoff(), 0), socket_timeout=1.0)
         sha = await client.script_load(LOOKUP_LUA)
-        gen_keys = (cache.store.epoch_key, cache.store.entry_key(key), cache.store.hash_key("postgres"))
+        # the store's key order (epoch, generation hashes, entries) and arguments (groups: field count and
+        # fields; lookups: group index and the in-process copy's tag)
+        gen_keys = (cache.store.epoch_key, cache.store.hash_key("postgres"), cache.store.entry_key(key))
         fields = v.tables.fields
 
         async def l1_hit():
@@ -90,7 +92,7 @@ async def run(rounds: int, calls: int) -> dict:
             await cache.lookup(miss_key, v.tables)
 
         async def redis_py_lookup():
-            await client.evalsha(sha, 3, *gen_keys, "", *fields)
+            await client.evalsha(sha, 3, *gen_keys, 1, len(fields), *fields, 1, "")
 
         sync_cases = {
             "classify (warm)": lambda: cache.classify(READ, ctx),
