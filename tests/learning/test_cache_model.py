@@ -80,11 +80,12 @@ def test_gdsf_ages_out_a_costly_result_that_is_not_reused():
 
 def reference_gdsf(trace, capacity):
     """GDSF by scanning every entry: (hits, saved us) to check the simulator's lazily invalidated heap."""
-    entries, clock, residency, hits, saved = {}, 0.0, 0, 0, 0.0   # key -> [priority, residency, freq, value, size]
+    entries, clock, residency, hits, saved = {}, 0.0, 0, 0, 0.0   # key -> [priority, residency, freq, value, size, tid]
     for i in range(len(trace)):
         tid = int(trace.template[i])
         if not trace.is_read[i]:
-            for k in [k for k in entries if set(trace.reads_tables[int(entries[k][5])]) & set(trace.writes_tables[tid])]:
+            written = set(trace.writes_tables[tid])
+            for k in [k for k, e in entries.items() if set(trace.reads_tables[e[5]]) & written]:
                 del entries[k]
             continue
         k = int(trace.key[i])
