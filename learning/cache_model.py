@@ -536,18 +536,19 @@ THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
 
 def choose_threshold(model, event_log: EventLog, fit_mask: np.ndarray, val_mask: np.ndarray,
-                     capacity_share: float) -> tuple[float, list]:
+                     capacity_share: float, eviction: str = EVICTION) -> tuple[float, list]:
     """The admission probability that saves the most DB time on a validation window (ties: nearest to 0.5).
 
     The replay runs over the fit and validation parts together and counts from the validation window on, so
     the cache enters it warm, as a running cache would (a result cached before the window can hit inside it).
-    The cache size is capacity_share of the distinct bytes read in the validation window.
+    The cache size is capacity_share of the distinct bytes read in the validation window; the cache evicts by
+    `eviction` (as the proxy's L1 is configured to).
     """
-    return choose_thresholds(model, event_log, fit_mask, val_mask, (capacity_share,))[0]
+    return choose_thresholds(model, event_log, fit_mask, val_mask, (capacity_share,), eviction)[0]
 
 
 def choose_thresholds(model, event_log: EventLog, fit_mask: np.ndarray, val_mask: np.ndarray,
-                      capacity_shares) -> list[tuple[float, list]]:
+                      capacity_shares, eviction: str = EVICTION) -> list[tuple[float, list]]:
     """choose_threshold for each cache size in capacity_shares (the replays share one trace)."""
     stats = template_stats(event_log, fit_mask)
     X, tids = template_rows(event_log, stats)
@@ -563,7 +564,7 @@ def choose_thresholds(model, event_log: EventLog, fit_mask: np.ndarray, val_mask
         tried = []
         for th in THRESHOLDS:
             saved = simulate(trace, "model", distinct * share, admitted_at(proba, tids, th),
-                             measure_from=start).saved_us
+                             measure_from=start, eviction=eviction).saved_us
             tried.append({"threshold": th, "saved_s": saved / 1e6})
         best = max(tried, key=lambda r: (round(r["saved_s"], 6), -abs(r["threshold"] - 0.5)))
         out.append((best["threshold"], tried))

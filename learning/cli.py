@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(conn, cfg, model_dir, args.json)
         from learning.pipeline import LearnSettings
         targets = {name: database_dsn(db) for name, db in config.databases.items()}
-        settings = LearnSettings(store, model_dir, cfg, targets, collect=not args.no_collect)
+        settings = LearnSettings(store, model_dir, cfg, targets, collect=not args.no_collect,
+                                 eviction=config.cache.l1_eviction)
         if args.once:
             return _once(conn, settings, args.json)
         interval = parse_interval(args.every or cfg.interval)

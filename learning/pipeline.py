@@ -43,6 +43,7 @@ class LearnSettings:
     target_dsns: dict[str, str] = field(default_factory=dict)   # monitored database name -> DSN
     collect: bool = True
     seed: int = 0
+    eviction: str = "gdsf"                    # cache.l1_eviction: how the proxy's L1 evicts, so the replays do
 
     def dsn_for_database(self, name: str) -> str | None:
         if name in self.target_dsns:
@@ -339,7 +340,8 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
         trial = cm.fit_classifier(fit_part.X, fit_part.y, settings.seed, fit_part.weight)
         if trial is None:
             continue
-        th, th_tried = cm.choose_threshold(trial, event_log, fit_mask, val_part, CACHE_CAPACITY_SHARES[1])
+        th, th_tried = cm.choose_threshold(trial, event_log, fit_mask, val_part, CACHE_CAPACITY_SHARES[1],
+                                           settings.eviction)
         saved = max(r["saved_s"] for r in th_tried) if th_tried else 0.0
         searched[name] = {"byte_cost_us": fit_cost, "threshold": th, "validation_saved_s": saved}
         if best is None or round(saved, 6) > round(best, 6):
@@ -349,7 +351,7 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
     # templates whose results save the most per byte, a large one every template whose results come back.
     fit_part = cm.window_samples(event_log, fit_mask, 5, candidates[chosen][0])
     trial = cm.fit_classifier(fit_part.X, fit_part.y, settings.seed, fit_part.weight)
-    by_share = (cm.choose_thresholds(trial, event_log, fit_mask, val_part, CACHE_CAPACITY_SHARES)
+    by_share = (cm.choose_thresholds(trial, event_log, fit_mask, val_part, CACHE_CAPACITY_SHARES, settings.eviction)
                 if trial is not None else [(threshold, tried)] * len(CACHE_CAPACITY_SHARES))
     thresholds = [th for th, _ in by_share]
     threshold = thresholds[1]
@@ -365,14 +367,17 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
     trace = cm.build_trace(event_log, test)
     total = max(cm.distinct_result_bytes(trace), 1.0)
     capacities = [total * s for s in CACHE_CAPACITY_SHARES]
-    # Evicting as the proxy's in-process tier does (GDSF), and by LRU with the same admission for comparison.
+    # Evicting as the proxy's in-process tier does (GDSF by default), and the other way with the same admission
+    # for comparison (rows always_lru and model_lru, or always_gdsf and model_gdsf).
+    other = next(e for e in cm.EVICTIONS if e != settings.eviction)
     evaluation = cm.evaluate(trace, [cm.admitted_at(proba, tids, th) for th in thresholds], capacities,
-                             evictions=(cm.EVICTION, "lru"), **costs)
+                             evictions=(settings.eviction, other), **costs)
     table = []
     for share, cap, th in zip(CACHE_CAPACITY_SHARES, capacities, thresholds):
         row = evaluation.by_capacity[cap]
-        policies = ("never", "always", "model", "oracle", "always_lru", "model_lru")
-        table.append({"capacity_share": share, "capacity_mb": cap / 1e6, "threshold": th, "eviction": cm.EVICTION,
+        policies = ("never", "always", "model", "oracle", f"always_{other}", f"model_{other}")
+        table.append({"capacity_share": share, "capacity_mb": cap / 1e6, "threshold": th,
+                      "eviction": settings.eviction,
                       **{p: row[p]["db_time_saved_s"] for p in policies},
                       **{f"{p}_net": row[p]["net_saved_s"] for p in ("always", "model", "oracle")},
                       **{f"{p}_vs_oracle": evaluation.ratio(cap, p) for p in policies[1:] if p != "oracle"}})
@@ -393,7 +398,8 @@ def train_cache_model(settings: LearnSettings, registry: Registry, event_log: Ev
 
     def champion_saved(m) -> float:
         at = float(m.metadata.get("admit_at", 0.5))
-        return cm.simulate(trace, "model", ref, cm.admitted_at(m.run(X_t), tids, at)).saved_us / 1e6
+        return cm.simulate(trace, "model", ref, cm.admitted_at(m.run(X_t), tids, at),
+                           eviction=settings.eviction).saved_us / 1e6
     champion = _champion_score(registry, cm.KIND, champion_saved)
     context = serving_context(event_log, train)
     metrics["registry"] = _register(registry, cm.KIND, onnx_bytes, context.to_json(), metrics,

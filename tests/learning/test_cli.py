@@ -43,6 +43,9 @@ def test_a_pass_collects_trains_and_registers_a_champion_of_every_kind(store_cop
     assert [s["step"] for s in summary["steps"]] == ["collect", "load", "analyze", *KINDS]
     assert all(s["status"] == "ok" for s in summary["steps"])
     assert summary["models"]["time"]["onnx"]["max_abs_diff"] < 1e-3
+    # the cache replays evict as the proxy's L1 is configured to (gdsf by default), with LRU beside it
+    sizes = summary["models"]["cache"]["simulation"]
+    assert {r["eviction"] for r in sizes} == {"gdsf"} and all("model_lru_vs_oracle" in r for r in sizes)
     with psycopg.connect(store_copy) as conn:   # the collectors ran against the configured store
         assert conn.execute("SELECT count(*) FROM pgpilot.collector_runs").fetchone()[0] > 0
 
