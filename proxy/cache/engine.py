@@ -154,6 +154,7 @@ class ResultCache:
         self._verdicts: dict[tuple[bytes, int], Verdict] = {}
         self._shapes: dict[tuple[str, int], Verdict] = {}
         self._writes: dict[tuple[bytes, int], tuple[str, ...]] = {}
+        self._write_shapes: dict[tuple[str, int], tuple[str, ...]] = {}
         self._facts: dict[str, S.SyntaxFacts] = {}
         self._elements: dict[str, tuple[str, str]] = {}
         self._probing: set[tuple[str, int]] = set()
@@ -170,6 +171,7 @@ class ResultCache:
         self.batches = 0
         self.hits = 0
         self.hits_l1 = 0
+        self.write_analyses = 0                # statements analysed for the tables they write (a new shape each)
         self.misses = 0
         self.bypass: Counter[str] = Counter()
         self.uncacheable: Counter[str] = Counter()
@@ -391,12 +393,25 @@ class ResultCache:
             text = sql.decode("utf-8")
         except UnicodeDecodeError:
             return ()
-        info = analysis.analyze(text)
-        facts = self._syntax(text, S.shape_of(text)[0])
-        w, cacheable = self._write_targets(db, ctx, info, facts)
+        # What a statement writes follows from its shape: constants name no table (the analysis and the syntax
+        # facts _write_targets reads are the same for every text of one shape), so a simple-protocol text with
+        # new constants is answered without analysing it again, as its read verdict is (_classify_cold).
+        limit = self.cfg.analysis_cache_size
+        shape = S.shape_of(text)[0]
+        if shape is not None:
+            w = self._write_shapes.get((shape, ctx.scope))
+            if w is not None:
+                _make_room(self._writes, limit)
+                self._writes[(sql, ctx.scope)] = w
+                return w
+        self.write_analyses += 1
+        w, cacheable = self._write_targets(db, ctx, analysis.analyze(text), self._syntax(text, shape))
         if cacheable:
-            _make_room(self._writes, self.cfg.analysis_cache_size)
+            _make_room(self._writes, limit)
             self._writes[(sql, ctx.scope)] = w
+            if shape is not None:
+                _make_room(self._write_shapes, limit)
+                self._write_shapes[(shape, ctx.scope)] = w
         return w
 
     def _write_targets(self, db: DatabaseState, ctx: CacheContext, info: analysis.StatementInfo,
@@ -713,6 +728,7 @@ class ResultCache:
         self._verdicts.clear()
         self._shapes.clear()
         self._writes.clear()
+        self._write_shapes.clear()
         for d in ([db] if db is not None else self._dbs.values()):
             d.catalog_changes += 1
             d.snapshot_stale = True
@@ -826,7 +842,7 @@ class ResultCache:
             "bypass": dict(self.bypass), "uncacheable": dict(self.uncacheable),
             "lookup_batches": self.batches, "fills": self.fills, "fill_bytes": self.fill_bytes, "fills_rejected": dict(self.fills_rejected),
             "l1_bytes": self.l1.bytes, "l1_entries": len(self.l1), "l1_evictions": self.l1.evictions,
-            "l1_turned_away": self.l1.turned_away,
+            "l1_turned_away": self.l1.turned_away, "write_analyses": self.write_analyses,
             "stored_bytes_estimate": self._stored_bytes,
             "invalidations": self.invalidations, "invalidated_keys": self.invalidated_keys, "flushes": self.flushes,
             "invalidation_failures": self.invalidation_failures, "decoded_invalidations": self.decoded_invalidations,

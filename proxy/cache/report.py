@@ -26,6 +26,7 @@ def show_cache(cache):
         ("l1_evictions", s["l1_evictions"], "entries the in-process tier evicted for room"),
         ("l1_turned_away", s["l1_turned_away"], "results worth less than every entry held, not kept in it (gdsf)"),
         ("invalidations", s["invalidations"], "writes recorded through the proxy"),
+        ("write_analyses", s["write_analyses"], "statements analysed for the tables they write (one per shape)"),
         ("decoded_invalidations", s["decoded_invalidations"], "writes seen by logical decoding"),
         ("flushes", s["flushes"], "DDL, TRUNCATE or lost feed: everything invalidated"),
         ("invalidation_failures", s["invalidation_failures"], "writes that could not be recorded (cache stopped serving)"),

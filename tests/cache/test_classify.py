@@ -188,3 +188,45 @@ def test_write_targets(make_cache, db):
     got = asyncio.run(body())
     assert {sql: tuple(sorted(w)) for sql, w in got.items()} == {
         sql: tuple(sorted(w)) for sql, w in statements.items()}
+
+
+def test_texts_differing_only_in_constants_are_analysed_once_for_their_writes(make_cache, db):
+    async def body():
+        cache = await started(make_cache(dbname=db))
+        try:
+            ctx = context(db)
+            before = cache.stats()["write_analyses"]
+            got = {cache.writes(b"UPDATE items SET name = 'n%d', price = %d.5 WHERE id = %d" % (i, i, i), ctx)
+                   for i in range(20)}
+            return got, cache.stats()["write_analyses"] - before
+        finally:
+            await cache.stop()
+    assert asyncio.run(body()) == ({(f"{db}/public.items",)}, 1)
+
+
+def test_a_shape_is_analysed_again_for_its_writes_after_the_catalog_changes(pg, make_cache, db):
+    """A table created earlier on the search path takes the name over: texts of a shape seen before must resolve
+    to it, not to what the shape wrote before the DDL."""
+    pg.psql("CREATE TABLE public.gadgets (id int)", dbname=db)
+
+    async def body():
+        cache = await started(make_cache(dbname=db))
+        try:
+            ctx = context(db, search_path="app, public")
+            first = cache.writes(b"UPDATE gadgets SET id = 1", ctx)
+            ddl = b"CREATE TABLE app.gadgets (id int)"
+            conn = await asyncpg.connect(pg.dsn_for(db))
+            try:
+                await conn.execute(ddl.decode())
+            finally:
+                await conn.close()
+            assert await cache.invalidate(cache.writes(ddl, ctx))
+            deadline = asyncio.get_running_loop().time() + 15
+            while True:       # (FLUSH,) while the catalog snapshot is being read again
+                after = cache.writes(b"UPDATE gadgets SET id = 2", ctx)
+                if after != (FLUSH,) or asyncio.get_running_loop().time() > deadline:
+                    return first, after
+                await asyncio.sleep(0.05)
+        finally:
+            await cache.stop()
+    assert asyncio.run(body()) == ((f"{db}/public.gadgets",), (f"{db}/app.gadgets",))
