@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from learning.logdata import WRITE_KINDS, EventLog, template_stats
+from proxy.cache.l1 import GreedyDual, Held
 from proxy.features import FEATURE_NAMES, transform_many
 
 log = logging.getLogger("pgpilot.learn")
@@ -183,12 +184,10 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
     tables_of: dict[int, list[int]] = {}
     used = 0.0
     oracle = policy == "oracle"
-    gdsf = eviction == "gdsf" and not oracle
-    heap: list[tuple] = []      # oracle: (-next use, key); gdsf: (priority, residency, key); lazily invalidated
+    order = GreedyDual() if eviction == "gdsf" and not oracle else None   # evicting as the proxy's L1 does
+    heap: list[tuple[int, int]] = []     # oracle: (-next use, key), lazily invalidated
     next_of: dict[int, int] = {}
-    meta: dict[int, list] = {}  # gdsf: key -> [priority, hits + 1, execution us per byte, residency]
-    clock = 0.0                 # gdsf: the priority of the last entry evicted (or turned away)
-    residency = 0
+    held_by_key: dict[int, Held] = {}    # gdsf: what the order holds for each cached key
 
     def drop(k: int) -> None:
         nonlocal used
@@ -198,7 +197,9 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
             if s is not None:
                 s.discard(k)
         next_of.pop(k, None)
-        meta.pop(k, None)
+        if order is not None:
+            order.discard(k)
+            del held_by_key[k]
 
     template, is_read, key, next_use, duration_us, bytes_out = trace.columns
     inf = int(_INF)
@@ -230,10 +231,8 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
                 else:
                     next_of[k] = nu
                     heapq.heappush(heap, (-nu, k))
-            elif gdsf:
-                m = meta[k]         # its heap item keeps the older, lower priority until it reaches the top
-                m[1] += 1
-                m[0] = clock + m[1] * m[2]
+            elif order is not None:
+                order.hit(held_by_key[k])
             else:
                 entries.move_to_end(k)
             continue
@@ -242,9 +241,9 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
         size = bytes_out[i]
         if size > capacity_bytes:
             continue
-        if gdsf:
+        if order is not None:
             value = duration_us[i] / max(size, 1.0)
-            priority = clock + value
+            priority = order.clock + value
         while used + size > capacity_bytes and entries:
             if oracle:
                 while True:
@@ -255,21 +254,10 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
                     heapq.heappush(heap, (neg, victim))
                     break
                 drop(victim)
-            elif gdsf:
-                while True:
-                    h, r, victim = heap[0]
-                    m = meta.get(victim)
-                    if m is None or m[3] != r:
-                        heapq.heappop(heap)                    # dropped since
-                    elif m[0] > h:
-                        heapq.heapreplace(heap, (m[0], r, victim))   # hit since: back at its priority now
-                    else:
-                        break
-                if h >= priority:   # the new result is the least valuable: it goes first
-                    clock = priority
+            elif order is not None:
+                victim = order.make_room(priority)
+                if victim is None:   # the new result is the least valuable: it goes first
                     break
-                heapq.heappop(heap)
-                clock = h
                 drop(victim)
             else:
                 drop(next(iter(entries)))
@@ -286,14 +274,9 @@ def simulate(trace: Trace, policy: str, capacity_bytes: float, admitted: set[int
         if oracle:
             next_of[k] = nu
             heapq.heappush(heap, (-nu, k))
-        elif gdsf:
-            residency += 1
-            meta[k] = [priority, 1, value, residency]
-            if len(heap) > 2 * len(meta) + 64:   # items of dropped entries: rebuild from the live ones
-                heap = [(m[0], m[3], held) for held, m in meta.items()]
-                heapq.heapify(heap)
-            else:
-                heapq.heappush(heap, (priority, residency, k))
+        elif order is not None:
+            held_by_key[k] = held = Held(value)
+            order.add(k, held, priority)
     return res
 
 

@@ -151,7 +151,9 @@ def l1_invariants_hold(l1: L1Cache) -> bool:
     ok = l1.bytes == sum(e.size for e in held.values()) <= l1.max_bytes
     ok = ok and index == {(t, k) for k, e in held.items() for t in e.tables}
     if l1.eviction == "gdsf":
-        items = {(k, stamp): p for p, stamp, k in l1._heap}
+        order = l1._order
+        items = {(k, stamp): p for p, stamp, k in order._heap}
+        ok = ok and order._held == held
         ok = ok and all(items.get((k, e.stamp), float("inf")) <= e.priority for k, e in held.items())
     return ok
 
