@@ -313,6 +313,7 @@ def command_tag_rows(raw: bytes) -> int | None:
 
 # Tags repeat (every statement of a template often returns as many rows): one dictionary lookup, not a parse.
 _tag_rows: dict[bytes, int | None] = {}
+known_tag_rows = _tag_rows.get   # (raw, default): command_tag_rows of a message seen before, without the call
 _UNSEEN = object()
 
 

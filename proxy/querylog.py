@@ -128,10 +128,25 @@ def event_record(ev: QueryEvent) -> tuple:
             ev.rewrite, None if ev.anomaly_score is None else float(ev.anomaly_score))
 
 
-class SessionInfo:
-    """Who sent a statement: one shared object per (database, user, application, client address)."""
+class SenderErrors:
+    """When a sender (client address and application, as the scorer counts errors) last failed a statement: its
+    sessions' statements take the scorer's inline lane only once that is further back than the error window."""
 
-    __slots__ = ("database", "username", "application_name", "client_addr", "store_addr", "copy_fields", "sender")
+    __slots__ = ("quiet_after",)
+
+    def __init__(self):
+        self.quiet_after = -math.inf   # time.perf_counter() before which a statement may have recent errors
+
+
+class SessionInfo:
+    """Who sent a statement: one shared object per (database, user, application, client address).
+
+    `lane_q` and `lane_x` are the anomaly scorer's inline lane for this sender (proxy.scoring, "inline lane"):
+    statement shape (simple Query, digits made 0) or exact text (extended protocol) -> {bytes sent: (shortest,
+    longest duration in us, rows)} known to score below the threshold. The scorer fills and empties them."""
+
+    __slots__ = ("database", "username", "application_name", "client_addr", "store_addr", "copy_fields", "sender",
+                 "errors", "lane_q", "lane_x")
 
     def __init__(self, database: str, username: str, application_name: str, client_addr: str | None):
         self.database = database
@@ -143,9 +158,16 @@ class SessionInfo:
         self.copy_fields = b"".join((copy_binary.text(database), copy_binary.text(username),
                                      copy_binary.text(application_name), copy_binary.inet(self.store_addr)))
         self.sender = f"{client_addr or ''}|{application_name or ''}"   # as ServingContext.observe names it
+        errors = _senders.get(self.sender)
+        if errors is None:
+            errors = _senders[self.sender] = SenderErrors()
+        self.errors = errors           # shared by every SessionInfo of the same sender
+        self.lane_q: dict = {}
+        self.lane_x: dict = {}
 
 
 _sessions: dict[tuple, SessionInfo] = {}
+_senders: dict[str, SenderErrors] = {}
 
 
 def session_info(database: str, username: str, application_name: str, client_addr: str | None) -> SessionInfo:
@@ -154,6 +176,11 @@ def session_info(database: str, username: str, application_name: str, client_add
     if info is None:
         if len(_sessions) >= 10_000:
             _sessions.clear()
+            # Sessions holding a forgotten SessionInfo keep its SenderErrors, which new ones no longer share:
+            # those never take the inline lane again (an error seen by one would be missed by the other).
+            for errors in _senders.values():
+                errors.quiet_after = math.inf
+            _senders.clear()
         info = _sessions[key] = SessionInfo(*key)
     return info
 
@@ -290,7 +317,7 @@ class StatementFeed:
 _SQL_OF = operator.itemgetter(R_SQL)
 _SINGLE = operator.attrgetter("single")
 _PROTOCOL_OF = {-1: "extended"}   # by a record's statement index: -1 for an Execute, else a simple Query
-_ZERO_BYTES = bytes.maketrans(b"123456789", b"000000000")
+ZERO_DIGITS = _ZERO_BYTES = bytes.maketrans(b"123456789", b"000000000")   # a simple Query's shape
 _ZERO_STR = str.maketrans("123456789", "000000000")
 _DIGIT = re.compile(r"\d")
 

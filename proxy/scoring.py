@@ -26,6 +26,16 @@ benchmark or a single busy application, that is looked up once. A memo key is on
 batch needs (memo misses, new flags) are built one by one with proxy.features' own arithmetic, which costs less
 than the column-wise path at that size. A flagged key keeps the row and rule signals its class and reason come
 from, so a flag repeated within its key's bucket costs no feature row; the reason is put in words only when read.
+
+Inline lane. Where the feed serves only the scorer (no query log, no parameters), a statement whose score the memo
+already knows needs no record at all. After each batch the scorer gives every steady (statement, session, bytes
+sent, rows) it scored below the threshold a lane: the widest run of consecutive duration buckets around it whose
+memoized scores are all below the threshold, as whole microseconds [shortest, longest], in the session's
+SessionInfo (lane_q by the simple Query's shape, lane_x by the extended protocol's text). A session whose finished
+statement succeeded, whose sender has had no failed statement within the error window, and whose duration, bytes and
+rows fall in a lane counts it (lane_hits) and appends nothing: the statement's score is one of those memoized below
+the threshold, as the batch would have found it. Everything else becomes a record as before. A new model or context,
+and an emptied memo, close every lane. Flags never come from a lane: it only holds scores below the threshold.
 """
 from __future__ import annotations
 
@@ -40,7 +50,7 @@ import numpy as np
 
 from proxy.analysis import Analyzer, extract_literals
 from proxy.querylog import (R_BYTES, R_DURATION, R_PARAMS, R_ROWS, R_SESSION, R_SQL, R_SQLSTATE, R_STMT, R_TS,
-                            StatementFeed, bind_values, event_record, statement_of)
+                            ZERO_DIGITS, StatementFeed, bind_values, event_record, statement_of)
 from proxy.features import (ANOMALY_CLASSES, EVENT_FEATURES, FEATURE_NAMES, PARAM_FEATURES, RecentErrors,
                             anomaly_signals, event_vector, expectation_columns, param_features, transform_many,
                             transform_one)
@@ -91,6 +101,8 @@ _MEMO_LIMIT = 200_000
 _Q_BITS = 13
 _Q_MAX = (1 << _Q_BITS) - 1
 _GROUP_SHIFT = 3 * _Q_BITS
+_DUR_SHIFT = 2 * _Q_BITS
+_LANE_LIMIT = 50_000        # lanes (session, text, bytes, rows) kept before all are closed and opened anew
 _G_TS, _G_DUR, _G_ROWS, _G_BYTES, _G_STATE, _G_STMT, _G_SESSION = (
     operator.itemgetter(i) for i in (R_TS, R_DURATION, R_ROWS, R_BYTES, R_SQLSTATE, R_STMT, R_SESSION))
 DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -130,6 +142,45 @@ class StatementRow:
 
 # (known, p50_us, p95_us, mad_log_us, rows_p50, rows_mad_log, bytes_p50, bytes_mad_log) of an unknown template
 _UNKNOWN_STATS = (0.0, math.nan, 0.0, 0.0, math.nan, 0.0, math.nan, 0.0)
+
+
+def _buckets(values: np.ndarray) -> np.ndarray:
+    """The memo bucket of each value (duration, rows or bytes): 1/_MEMO_STEPS of a log unit, under 1 % wide."""
+    return np.minimum(np.floor(np.log1p(np.maximum(values, 0.0)) * _MEMO_STEPS), _Q_MAX).astype(np.int64)
+
+
+def bucket_span(q: int) -> tuple[int, int] | None:
+    """The shortest and longest whole duration (us) in memo bucket q, or None if no whole number falls in it."""
+    span = _SPANS.get(q, _UNSEEN)
+    if span is _UNSEEN:
+        lo, hi = math.expm1(q / _MEMO_STEPS), math.expm1((q + 1) / _MEMO_STEPS)
+        near = np.array([max(int(v) + k, 0) for v in (lo, hi) for k in range(-2, 3)], dtype=np.float64)
+        inside = near[_buckets(near) == q]
+        span = _SPANS[q] = (int(inside.min()), int(inside.max())) if len(inside) else None
+    return span
+
+
+def _next_bucket(q: int) -> int:
+    """The bucket of the next whole duration after (non-empty) bucket q."""
+    n = _NEXT.get(q)
+    if n is None:
+        n = _NEXT[q] = int(_buckets(np.array([bucket_span(q)[1] + 1.0]))[0])
+    return n
+
+
+def _previous_bucket(q: int) -> int | None:
+    """The bucket of the whole duration before (non-empty) bucket q; None below 0 us."""
+    p = _PREVIOUS.get(q, _UNSEEN)
+    if p is _UNSEEN:
+        lo = bucket_span(q)[0]
+        p = _PREVIOUS[q] = int(_buckets(np.array([lo - 1.0]))[0]) if lo > 0 else None
+    return p
+
+
+_UNSEEN = object()
+_SPANS: dict = {}           # bucket -> bucket_span (at most _Q_MAX + 1 of each: the buckets themselves)
+_NEXT: dict = {}
+_PREVIOUS: dict = {}
 
 
 def _lg(v: np.ndarray) -> np.ndarray:
@@ -251,6 +302,11 @@ class AnomalyScorer:
         self._steady: dict[StatementRow, int] = {}   # fixed part -> the group number of (part, None, 0)
         self._flag_rows: dict[int, tuple] = {}       # flagged memo key -> (its feature row, its rule signals)
         self.feed: StatementFeed | None = None       # where finished statements come from (ServedModels sets it)
+        # The inline lane (see "Inline lane" in the module docstring): on where the feed serves only the scorer.
+        self.inline = False
+        self.lane_hits = 0                           # statements the sessions counted in a lane, not yet settled
+        self._lanes: dict[tuple, tuple] = {}         # (session, simple, text, bytes, rows) -> (memo key base, buckets)
+        self._laned: set = set()                     # SessionInfos whose lane_q / lane_x hold ranges
         self._log_allowance = cfg.log_max_per_second
         self._log_checked = time.monotonic()
         # counters for /metrics
@@ -265,11 +321,13 @@ class AnomalyScorer:
         self.delay_sum = 0.0
         self.batch_counts = [0] * (len(BATCH_BUCKETS) + 1)
         self.batch_sum = 0
+        self.scored_inline = 0                       # of `scored`, statements counted in a lane by their session
 
     # ---------------------------------------------------------------- models
 
     def use_model(self, model) -> None:
         """Serve this anomaly model (None: back to the rules); its serving context comes with it."""
+        self.settle()
         self.model = model
         self.context = model.context if model is not None else None
         self._run = _runner(model) if model is not None else None
@@ -454,18 +512,115 @@ class AnomalyScorer:
         return group
 
     def _forget_groups(self) -> None:
-        """Empty the memo with its group numbers (and what is keyed by them)."""
+        """Empty the memo with its group numbers (and what is keyed by them: the lanes too)."""
         self._groups.clear()
         self._steady.clear()
         self._memo.clear()
         self._flag_rows.clear()
+        self._close_lanes()
+
+    # ---------------------------------------------------------------- the inline lane
+
+    @property
+    def lane_window(self) -> float:
+        """Seconds after a sender's failed statement during which its statements must be counted with their
+        recent errors (the error window, plus a second for the two clocks involved)."""
+        errors = self.context.recent_errors if self.context is not None else self._errors
+        return errors.window_s + 1.0
+
+    def settle(self) -> None:
+        """Count the statements the sessions scored in their lanes (readers of the counters call this first)."""
+        n = self.lane_hits
+        if n:
+            self.lane_hits = 0
+            self.scored[self.source or "rules"] += n
+            self.scored_inline += n
+            self.delay_counts[0] += n      # scored at completion
+
+    def _close_lanes(self) -> None:
+        """Empty every lane: their ranges were scored by a model, context or memo no longer in use."""
+        self.settle()
+        for who in self._laned:
+            who.lane_q.clear()
+            who.lane_x.clear()
+        self._laned.clear()
+        self._lanes.clear()
+
+    def _open_lanes(self, records: list[tuple], infos: list, f: "_Facts", keys: list[int], values: list,
+                    threshold: float) -> None:
+        """Open or widen the lanes of what this batch scored steady (no error, none recent, one statement, below
+        the threshold): per (session, text, bytes, rows), the run of consecutive duration buckets around its lane
+        (or, for a new one, the batch's middle bucket) whose memoized scores, for that fixed part, rows and bytes,
+        are all below the threshold."""
+        lanes, feed = self._lanes, self.feed
+        if len(lanes) >= _LANE_LIMIT:
+            self._close_lanes()
+        by_shape, by_text = (feed._by_shape, feed._by_text) if feed is not None else ({}, {})
+        first: dict[int, int] = {}                # each steady memo key of the batch -> one record of it
+        failed, recent, index = f.failed, f.recent, f.index
+        for k, key in enumerate(keys):
+            if key not in first and values[k] < threshold and not failed[k] and not recent[k]:
+                first[key] = k
+        keys_of: dict[tuple, list[int]] = {}      # lane -> the batch's steady memo keys of it
+        for key, k in first.items():
+            i = index[k]
+            info = infos[i]
+            rec = records[i]
+            sql = rec[R_SQL]
+            if info.single is None or type(sql) is not bytes:
+                continue
+            simple = rec[R_STMT] != -1
+            if simple:
+                # Keyed by shape, where the feed gives every text of that shape this same analysis.
+                text = sql.translate(ZERO_DIGITS)
+                if by_shape.get(text) is not info and not (text == sql and by_text.get(sql) is info):
+                    continue
+            else:
+                text = sql
+            keys_of.setdefault((rec[R_SESSION], simple, text, rec[R_BYTES], rec[R_ROWS]), []).append(key)
+        for at, lane_keys in keys_of.items():
+            base = lane_keys[0] & ~(_Q_MAX << _DUR_SHIFT)     # the same fixed part, rows and bytes: one base
+            known = lanes.get(at)
+            if known is not None and known[0] == base:
+                qlo, qhi = known[1], known[2]
+            else:
+                # seeded at the batch's middle duration bucket for it (a duration's: not empty), then grown
+                buckets = sorted((key >> _DUR_SHIFT) & _Q_MAX for key in lane_keys)
+                qlo = qhi = buckets[len(buckets) // 2]
+            qlo, qhi = self._widen(base, qlo, qhi, threshold)
+            if known == (base, qlo, qhi):
+                continue
+            lanes[at] = (base, qlo, qhi)
+            who, simple, text, nbytes, nrows = at
+            (who.lane_q if simple else who.lane_x).setdefault(text, {})[nbytes] = (
+                bucket_span(qlo)[0], bucket_span(qhi)[1], nrows)
+            self._laned.add(who)
+
+    def _widen(self, base: int, qlo: int, qhi: int, threshold: float) -> tuple[int, int]:
+        """Buckets [qlo, qhi] grown by each neighbouring bucket the memo holds a score below the threshold for."""
+        memo = self._memo
+        while qhi < _Q_MAX:
+            q = _next_bucket(qhi)
+            v = memo.get(base | (q << _DUR_SHIFT))
+            if v is None or not v < threshold:
+                break
+            qhi = q
+        while True:
+            q = _previous_bucket(qlo)
+            if q is None:
+                break
+            v = memo.get(base | (q << _DUR_SHIFT))
+            if v is None or not v < threshold:
+                break
+            qlo = q
+        return qlo, qhi
 
     def _memo_keys(self, records: list[tuple], f: "_Facts") -> tuple[list[int], np.ndarray]:
         """Each collected record's memo key: its group (fixed part, SQLSTATE, recent errors) and its duration,
         rows and bytes, each bucketed to 1/_MEMO_STEPS of a log unit, packed in one int; and the durations."""
         n = len(f.parts)
         F = np.array(f.dur + f.nrows + f.nbytes, dtype=np.float64).reshape(3, n)
-        Q = np.minimum(np.floor(np.log1p(np.maximum(F, 0.0)) * _MEMO_STEPS), _Q_MAX).astype(np.int64)
+        Q = _buckets(F)
         code = (Q[0] << (2 * _Q_BITS)) | (Q[1] << _Q_BITS) | Q[2]
         group = f.group
         if group is None:
@@ -618,11 +773,14 @@ class AnomalyScorer:
                 values = self._model_scores(self._matrix(records, f, rows)).tolist()
                 if len(memo) + len(values) > _MEMO_LIMIT:
                     memo.clear()
+                    self._close_lanes()       # a lane only holds scores the memo holds
                 for key, v in zip(fresh, values):
                     memo[key] = v
                 for k in todo:
                     got[k] = memo[keys[k]]
             values = got
+            if self.inline:
+                self._open_lanes(records, infos, f, keys, values, self.threshold)
         else:
             values = self._model_scores(self._matrix(records, f)).tolist()
             durations = f.dur

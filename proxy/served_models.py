@@ -234,6 +234,8 @@ class ServedModels:
                 feed = self.scorer.feed = server.query_log.feed
                 feed.scorer = self.scorer
                 feed.interval = min(feed.interval, acfg.score_interval)
+            # No query log to fill and no parameters to score: a statement already known normal needs no record.
+            self.scorer.inline = server.query_log is None and not config.query_log.parameters
             self._start_sinks()
             self.scorer.sinks = self.sinks
             self.scorer.start()
@@ -366,11 +368,15 @@ class ServedModels:
             yield from (info, loaded, loads, refused)
         s = self.scorer
         if s is not None:
+            s.settle()
             scored = CounterMetricFamily("pgpilot_anomaly_scored", "Statements scored, by model or by rules",
                                          labels=["source"])
             for source in ("model", "rules"):
                 scored.add_metric([source], s.scored[source])
             yield scored
+            yield CounterMetricFamily("pgpilot_anomaly_scored_inline",
+                                      "Of the statements scored, those counted at completion in a range already "
+                                      "known to score below the threshold (no record)", value=s.scored_inline)
             yield CounterMetricFamily("pgpilot_anomaly_unscored",
                                       "Statements not scored (buffer full, failed batch, or nothing to score with)",
                                       value=s.unscored)

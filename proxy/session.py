@@ -28,7 +28,7 @@ from proxy.protocol import (  # message types as module constants: the hot path 
     F_BIND, F_CLOSE, F_COPY_DONE, F_COPY_FAIL, F_DESCRIBE, F_EXECUTE, F_FLUSH, F_FUNCTION_CALL, F_PARSE,
     F_QUERY, F_SYNC, F_TERMINATE
 )
-from proxy.querylog import QueryEvent, session_info
+from proxy.querylog import ZERO_DIGITS, QueryEvent, session_info
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
@@ -37,6 +37,7 @@ log = logging.getLogger("pgpilot.session")
 
 CLIENT_WATCH = frozenset(b"QPBEDCSHXFcfp")   # all but CopyData, which streams through
 _NOT_STATEFUL = ()
+_TAG_UNSEEN = object()
 
 # Startup parameters that are not session settings.
 _STARTUP_ONLY = frozenset(("user", "database", "options", "replication"))
@@ -197,6 +198,10 @@ class ClientSession(asyncio.Protocol):
         # Finished statements go to the query log and the scorer as one record each (querylog.RECORD).
         feed = server.query_log.feed if server.query_log is not None else getattr(server.scorer, "feed", None)
         self._record = feed.records.append if feed is not None else None
+        # The scorer's inline lane (proxy.scoring): a statement in a range already known to score below the threshold
+        # is counted as scored here instead of becoming a record. Only where the record would serve nothing else.
+        scorer = server.scorer
+        self._lane = scorer if scorer is not None and scorer.inline and feed is scorer.feed else None
         self._log_session = None                 # querylog.SessionInfo, set at startup
         self._log_binds: dict | None = {} if feed is not None and self.config.query_log.parameters else None
         self._cache_ctx = None                   # CacheContext for the current settings (built lazily)
@@ -1250,10 +1255,26 @@ class ClientSession(asyncio.Protocol):
         sent = self.bytes_out + sum(map(len, out))
         nbytes, self._bytes_mark = sent - self._bytes_mark, sent
         wait_us, self._wait_us = self._wait_us, 0
+        rows = P.known_tag_rows(cc, _TAG_UNSEEN) if cc else None
+        if rows is _TAG_UNSEEN:
+            rows = P.command_tag_rows(cc)
+        lane = self._lane
+        if lane is not None:
+            who = self._log_session
+            if sqlstate is not None:
+                who.errors.quiet_after = start + lane.lane_window
+            elif start > who.errors.quiet_after:
+                sizes = (who.lane_q.get(e.sql.translate(ZERO_DIGITS)) if e.kind == F_QUERY
+                         else who.lane_x.get(e.sql))
+                if sizes is not None:
+                    known = sizes.get(nbytes)
+                    if known is not None and known[0] <= duration_us <= known[1] and known[2] == rows:
+                        lane.lane_hits += 1
+                        return
         # One tuple in querylog.RECORD order, appended to a list: the feed analyses, scores and logs in batches.
-        record((time.time() - (now - start), duration_us, wait_us, e.sql, P.command_tag_rows(cc) if cc else None,
-                nbytes, sqlstate, self._log_session, self.backend.pid if self.backend else None, self.xact_id,
-                self.txn_status != b"I", e.done if e.kind == F_QUERY else -1, e.params, None, None, None))
+        record((time.time() - (now - start), duration_us, wait_us, e.sql, rows, nbytes, sqlstate, self._log_session,
+                self.backend.pid if self.backend else None, self.xact_id, self.txn_status != b"I",
+                e.done if e.kind == F_QUERY else -1, e.params, None, None, None))
 
     # ================================================================ helpers
 
