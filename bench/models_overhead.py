@@ -64,6 +64,7 @@ class Run:
     scored_within_100ms: float | None = None
     delay_p99_ms: float | None = None
     flags: int = 0
+    inline_share: float | None = None
     error: str | None = None
 
 
@@ -184,11 +185,104 @@ def in_process(cluster: PgCluster, model_dir: Path, batch: int = 370, batches: i
               f"{sum(scorer.flags.values())} flags")
 
 
+def statement_path(cluster: PgCluster, model_dir: Path, statements: int = 60_000, warm: int = 60_000,
+                   batch: int = 600, repeats: int = 5) -> None:
+    """Per statement CPU of a session finishing it (ClientSession._statement_done) plus its share of the feed's
+    ticks, in this process: without scoring, scored from records, and with the inline lane (see --in-process)."""
+    import logging
+    import random
+
+    import psycopg
+
+    from proxy import protocol as P
+    from proxy.analysis import Analyzer
+    from proxy.config import AnomalyConfig
+    from proxy.models import load_champion
+    from proxy.querylog import StatementFeed, session_info
+    from proxy.scoring import AnomalyScorer
+    from proxy.session import ClientSession, Pending
+    from proxy.stats import TrafficStats
+    logging.getLogger("pgpilot.anomaly").setLevel(logging.ERROR)
+    with psycopg.connect(cluster.dsn_for(DBNAME), autocommit=True) as conn:
+        facts = conn.execute("SELECT duration_us, bytes_out FROM pgpilot.query_events WHERE kind = 'select'").fetchall()
+        sender = conn.execute("SELECT database, username, application_name, host(client_addr) FROM "
+                              "pgpilot.query_events GROUP BY 1, 2, 3, 4 ORDER BY count(*) DESC LIMIT 1").fetchone()
+    model = load_champion(model_dir, "anomaly")
+    who = session_info(*sender)
+    extended = PGBENCH_SELECT.encode()
+    cc = P.command_complete("SELECT 1")
+
+    class Backend:
+        pid = 4242
+
+    def run(variant: str, protocol: str, seed: int) -> tuple[float, float]:
+        rnd = random.Random(seed)
+        analyzer = Analyzer()
+        scorer = AnomalyScorer(AnomalyConfig(), analyzer)
+        scorer.use_model(model)
+        feed = scorer.feed = StatementFeed(analyzer, 0.04)
+        feed.scorer = scorer
+        scorer.inline = variant == "lane"
+        session = object.__new__(ClientSession)
+        session.traffic = TrafficStats(who.database, who.username)
+        session._record = feed.records.append if variant != "off" else None
+        session._lane = scorer if variant == "lane" else None
+        session._log_session = who
+        who.lane_q.clear()       # lanes another run's scorer opened
+        who.lane_x.clear()
+        session.bytes_out = session._bytes_mark = session._wait_us = 0
+        session.backend, session.xact_id, session.txn_status = Backend(), 0, b"I"
+        kind = P.F_QUERY if protocol == "simple" else P.F_EXECUTE
+        prepared = bytes(extended)
+        drawn = [facts[rnd.randrange(len(facts))] for _ in range(4096)]
+        elapsed = 0.0
+        done = 0
+        for n in range(warm + statements):
+            dur, nbytes = drawn[n & 4095]
+            sql = (b"SELECT abalance FROM pgbench_accounts WHERE aid = %d;" % rnd.randint(1, 1_000_000)
+                   if protocol == "simple" else prepared if protocol == "prepared" else bytes(extended))
+            e = Pending(kind, sql=sql)
+            c0 = time.thread_time()
+            e.start = time.perf_counter() - dur * 1e-6
+            session.bytes_out += nbytes
+            session._statement_done(e, cc, None, [])
+            if (n + 1) % batch == 0:
+                feed.tick()
+            c1 = time.thread_time()
+            if n >= warm:
+                elapsed += c1 - c0
+                done += 1
+            elif n == warm - 1:
+                feed.tick()
+                scorer.settle()
+                inline0, scored0 = scorer.scored_inline, sum(scorer.scored.values())
+        feed.tick()
+        scorer.settle()
+        scored = sum(scorer.scored.values()) - scored0
+        return elapsed / done * 1e6, (scorer.scored_inline - inline0) / scored if scored else 0.0
+
+    print(f"\nin-process, a session finishing pgbench -S statements (durations and bytes of {len(facts):,} logged "
+          f"selects) and the feed ticking every {batch}: thread CPU us per statement, min over {repeats} runs of "
+          f"{statements:,} after {warm:,}")
+    for protocol in ("simple", "extended", "prepared"):
+        best: dict[str, float] = {}
+        share = 0.0
+        for r in range(repeats):
+            for variant in ("off", "records", "lane"):
+                us, inline = run(variant, protocol, r)
+                best[variant] = min(best.get(variant, math.inf), us)
+                if variant == "lane":
+                    share = inline
+        print(f"{protocol:<9} no scoring {best['off']:.2f}, records +{best['records'] - best['off']:.2f}, "
+              f"inline lane +{best['lane'] - best['off']:.2f} ({100 * share:.1f}% of the timed statements inline)")
+
+
 def scorer_counters(proxy: ProxyProcess) -> dict:
     s = metric_samples(proxy)
     delays = sorted((float(dict(labels)["le"]), v) for (name, labels), v in s.items()
                     if name == "pgpilot_anomaly_scoring_delay_seconds_bucket")
     return {"scored": s.get(("pgpilot_anomaly_scored_total", (("source", "model"),)), 0.0),
+            "inline": s.get(("pgpilot_anomaly_scored_inline_total", ()), 0.0),
             "busy": s.get(("pgpilot_anomaly_scoring_cpu_seconds_total", ()), 0.0),
             "batches": s.get(("pgpilot_anomaly_batch_size_count", ()), 0.0),
             "batch_sum": s.get(("pgpilot_anomaly_batch_size_sum", ()), 0.0),
@@ -227,6 +321,7 @@ def run_once(n: int, target: str, proxy: ProxyProcess, clients: int, duration: f
         after = scorer_counters(proxy)
         scored = after["scored"] - before["scored"]
         run.scored = int(scored)
+        run.inline_share = (after["inline"] - before["inline"]) / scored if scored else None
         run.scoring_us_per_statement = (after["busy"] - before["busy"]) / scored * 1e6 if scored else None
         batches = after["batches"] - before["batches"]
         run.mean_batch = (after["batch_sum"] - before["batch_sum"]) / batches if batches else None
@@ -317,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         shas = train_models(cluster, model_dir, args.train_seconds, args.clients)
         if args.in_process:
             in_process(cluster, model_dir)
+            statement_path(cluster, model_dir)
             return 0
         common = {"databases": {DBNAME: upstream_entry(cluster, DBNAME)}, "pool_size": args.pool_size,
                   "log_connections": False, "learning": {"model_dir": str(model_dir)},
