@@ -102,6 +102,7 @@ _Q_BITS = 13
 _Q_MAX = (1 << _Q_BITS) - 1
 _GROUP_SHIFT = 3 * _Q_BITS
 _DUR_SHIFT = 2 * _Q_BITS
+_RESEED_BATCHES = 25        # after lanes close, batches whose memo hits open lanes too (the memo may have kept them)
 _LANE_LIMIT = 50_000        # lanes (session, text, bytes, rows) kept before all are closed and opened anew
 _G_TS, _G_DUR, _G_ROWS, _G_BYTES, _G_STATE, _G_STMT, _G_SESSION = (
     operator.itemgetter(i) for i in (R_TS, R_DURATION, R_ROWS, R_BYTES, R_SQLSTATE, R_STMT, R_SESSION))
@@ -149,38 +150,50 @@ def _buckets(values: np.ndarray) -> np.ndarray:
     return np.minimum(np.floor(np.log1p(np.maximum(values, 0.0)) * _MEMO_STEPS), _Q_MAX).astype(np.int64)
 
 
+def _bucket_table(n: int) -> tuple[list[int], list[int]]:
+    """For buckets 0..n: the first whole duration (us) in each (or after it, for an empty bucket), and the bucket of
+    that duration; from the memo's own bucketing, so each bucket's durations are exactly its memo keys'."""
+    q = np.arange(n + 2, dtype=np.float64)
+    near = np.maximum(np.floor(np.expm1(q / _MEMO_STEPS))[:, None] + np.arange(-2.0, 3.0), 0.0)
+    at_or_after = _buckets(near.ravel()).reshape(near.shape) >= q[:, None]   # ascending in each row
+    first = near[np.arange(len(q)), at_or_after.argmax(axis=1)]
+    return first.astype(np.int64).tolist(), _buckets(first).tolist()
+
+
+# Durations up to 10^12 us; beyond, spans are computed one at a time.
+_TABLE_BUCKETS = int(math.log1p(1e12) * _MEMO_STEPS)
+_FIRST_US, _BUCKET_OF_FIRST = _bucket_table(_TABLE_BUCKETS)
+
+
 def bucket_span(q: int) -> tuple[int, int] | None:
     """The shortest and longest whole duration (us) in memo bucket q, or None if no whole number falls in it."""
-    span = _SPANS.get(q, _UNSEEN)
-    if span is _UNSEEN:
-        lo, hi = math.expm1(q / _MEMO_STEPS), math.expm1((q + 1) / _MEMO_STEPS)
-        near = np.array([max(int(v) + k, 0) for v in (lo, hi) for k in range(-2, 3)], dtype=np.float64)
-        inside = near[_buckets(near) == q]
-        span = _SPANS[q] = (int(inside.min()), int(inside.max())) if len(inside) else None
-    return span
+    if q < _TABLE_BUCKETS:
+        lo, after = _FIRST_US[q], _FIRST_US[q + 1]
+        return (lo, after - 1) if after > lo else None
+    lo, hi = math.expm1(q / _MEMO_STEPS), math.expm1((q + 1) / _MEMO_STEPS)
+    near = np.array([max(int(v) + k, 0) for v in (lo, hi) for k in range(-2, 3)], dtype=np.float64)
+    inside = near[_buckets(near) == q]
+    return (int(inside.min()), int(inside.max())) if len(inside) else None
 
 
 def _next_bucket(q: int) -> int:
     """The bucket of the next whole duration after (non-empty) bucket q."""
-    n = _NEXT.get(q)
-    if n is None:
-        n = _NEXT[q] = int(_buckets(np.array([bucket_span(q)[1] + 1.0]))[0])
-    return n
+    if q < _TABLE_BUCKETS:
+        return _BUCKET_OF_FIRST[q + 1]
+    return int(_buckets(np.array([bucket_span(q)[1] + 1.0]))[0])
 
 
 def _previous_bucket(q: int) -> int | None:
     """The bucket of the whole duration before (non-empty) bucket q; None below 0 us."""
-    p = _PREVIOUS.get(q, _UNSEEN)
-    if p is _UNSEEN:
-        lo = bucket_span(q)[0]
-        p = _PREVIOUS[q] = int(_buckets(np.array([lo - 1.0]))[0]) if lo > 0 else None
-    return p
-
-
-_UNSEEN = object()
-_SPANS: dict = {}           # bucket -> bucket_span (at most _Q_MAX + 1 of each: the buckets themselves)
-_NEXT: dict = {}
-_PREVIOUS: dict = {}
+    lo = bucket_span(q)[0]
+    if lo == 0:
+        return None
+    if q < _TABLE_BUCKETS:
+        p = q - 1
+        while _FIRST_US[p + 1] <= _FIRST_US[p]:     # bucket p is empty
+            p -= 1
+        return p
+    return int(_buckets(np.array([lo - 1.0]))[0])
 
 
 def _lg(v: np.ndarray) -> np.ndarray:
@@ -307,6 +320,7 @@ class AnomalyScorer:
         self.lane_hits = 0                           # statements the sessions counted in a lane, not yet settled
         self._lanes: dict[tuple, tuple] = {}         # (session, simple, text, bytes, rows) -> (memo key base, buckets)
         self._laned: set = set()                     # SessionInfos whose lane_q / lane_x hold ranges
+        self._reseed = 0                             # batches whose every memo key may open a lane (not only new)
         self._log_allowance = cfg.log_max_per_second
         self._log_checked = time.monotonic()
         # counters for /metrics
@@ -545,22 +559,28 @@ class AnomalyScorer:
             who.lane_x.clear()
         self._laned.clear()
         self._lanes.clear()
+        self._reseed = _RESEED_BATCHES
 
     def _open_lanes(self, records: list[tuple], infos: list, f: "_Facts", keys: list[int], values: list,
-                    threshold: float) -> None:
+                    threshold: float, fresh: dict | None) -> None:
         """Open or widen the lanes of what this batch scored steady (no error, none recent, one statement, below
         the threshold): per (session, text, bytes, rows), the run of consecutive duration buckets around its lane
         (or, for a new one, the batch's middle bucket) whose memoized scores, for that fixed part, rows and bytes,
-        are all below the threshold."""
+        are all below the threshold.
+
+        Only the batch's new memo keys (`fresh`: key -> a record of it) can open or widen a lane: a bucket the memo
+        already held was there when the lanes last grew. After lanes are closed with the memo kept, every key counts
+        for a while (None)."""
         lanes, feed = self._lanes, self.feed
         if len(lanes) >= _LANE_LIMIT:
             self._close_lanes()
         by_shape, by_text = (feed._by_shape, feed._by_text) if feed is not None else ({}, {})
-        first: dict[int, int] = {}                # each steady memo key of the batch -> one record of it
         failed, recent, index = f.failed, f.recent, f.index
-        for k, key in enumerate(keys):
-            if key not in first and values[k] < threshold and not failed[k] and not recent[k]:
-                first[key] = k
+        if fresh is None:
+            self._reseed = max(0, self._reseed - 1)
+            fresh = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1)))
+        # each steady memo key -> one record of it
+        first = {key: k for key, k in fresh.items() if values[k] < threshold and not failed[k] and not recent[k]}
         keys_of: dict[tuple, list[int]] = {}      # lane -> the batch's steady memo keys of it
         for key, k in first.items():
             i = index[k]
@@ -778,9 +798,11 @@ class AnomalyScorer:
                     memo[key] = v
                 for k in todo:
                     got[k] = memo[keys[k]]
+            else:
+                fresh = None
             values = got
-            if self.inline:
-                self._open_lanes(records, infos, f, keys, values, self.threshold)
+            if self.inline and (fresh or self._reseed):
+                self._open_lanes(records, infos, f, keys, values, self.threshold, None if self._reseed else fresh)
         else:
             values = self._model_scores(self._matrix(records, f)).tolist()
             durations = f.dur
