@@ -299,6 +299,13 @@ class StatementFeed:
                     infos[i] = info
         return infos
 
+    def shape_key(self, sql: bytes, info: StatementInfo) -> bytes | None:
+        """sql's shape (ZERO_DIGITS) if analyse() gives every text of that shape `info`, else None."""
+        shape = sql.translate(_ZERO_BYTES)
+        if self._by_shape.get(shape) is info or (shape == sql and self._by_text.get(sql) is info):
+            return shape
+        return None
+
     def _analyse_new(self, sql, shape) -> StatementInfo:
         text = sql if type(sql) is str else sql.decode("utf-8", "replace")
         info = self.analyzer.analyze(text)

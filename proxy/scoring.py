@@ -50,7 +50,7 @@ import numpy as np
 
 from proxy.analysis import Analyzer, extract_literals
 from proxy.querylog import (R_BYTES, R_DURATION, R_PARAMS, R_ROWS, R_SESSION, R_SQL, R_SQLSTATE, R_STMT, R_TS,
-                            ZERO_DIGITS, StatementFeed, bind_values, event_record, statement_of)
+                            StatementFeed, bind_values, event_record, statement_of)
 from proxy.features import (ANOMALY_CLASSES, EVENT_FEATURES, FEATURE_NAMES, PARAM_FEATURES, RecentErrors,
                             anomaly_signals, event_vector, expectation_columns, param_features, transform_many,
                             transform_one)
@@ -574,7 +574,6 @@ class AnomalyScorer:
         lanes, feed = self._lanes, self.feed
         if len(lanes) >= _LANE_LIMIT:
             self._close_lanes()
-        by_shape, by_text = (feed._by_shape, feed._by_text) if feed is not None else ({}, {})
         failed, recent, index = f.failed, f.recent, f.index
         if fresh is None:
             self._reseed = max(0, self._reseed - 1)
@@ -592,8 +591,8 @@ class AnomalyScorer:
             simple = rec[R_STMT] != -1
             if simple:
                 # Keyed by shape, where the feed gives every text of that shape this same analysis.
-                text = sql.translate(ZERO_DIGITS)
-                if by_shape.get(text) is not info and not (text == sql and by_text.get(sql) is info):
+                text = feed.shape_key(sql, info) if feed is not None else None
+                if text is None:
                     continue
             else:
                 text = sql
