@@ -59,6 +59,7 @@ import random
 import re
 import struct
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 from urllib.parse import urlparse
@@ -132,7 +133,7 @@ class SenderErrors:
     """When a sender (client address and application, as the scorer counts errors) last failed a statement: its
     sessions' statements take the scorer's inline lane only once that is further back than the error window."""
 
-    __slots__ = ("quiet_after",)
+    __slots__ = ("quiet_after", "__weakref__")
 
     def __init__(self):
         self.quiet_after = -math.inf   # time.perf_counter() before which a statement may have recent errors
@@ -167,7 +168,8 @@ class SessionInfo:
 
 
 _sessions: dict[tuple, SessionInfo] = {}
-_senders: dict[str, SenderErrors] = {}
+# Every SessionInfo of a sender shares one SenderErrors while any of them lives, also one _sessions has forgotten.
+_senders: "weakref.WeakValueDictionary[str, SenderErrors]" = weakref.WeakValueDictionary()
 
 
 def session_info(database: str, username: str, application_name: str, client_addr: str | None) -> SessionInfo:
@@ -176,11 +178,6 @@ def session_info(database: str, username: str, application_name: str, client_add
     if info is None:
         if len(_sessions) >= 10_000:
             _sessions.clear()
-            # Sessions holding a forgotten SessionInfo keep its SenderErrors, which new ones no longer share:
-            # those never take the inline lane again (an error seen by one would be missed by the other).
-            for errors in _senders.values():
-                errors.quiet_after = math.inf
-            _senders.clear()
         info = _sessions[key] = SessionInfo(*key)
     return info
 

@@ -179,3 +179,14 @@ def test_a_failed_statement_keeps_its_senders_next_ones_out_of_the_lane(rules_pr
         after_scored, after_inline = scored_all()
         assert after_scored == sent
         assert after_inline == inline
+
+
+def test_the_sessions_of_one_sender_share_its_errors_also_once_forgotten():
+    from proxy import querylog
+    a = session_info("db1", "u", "lane-sender", "10.1.1.1")
+    b = session_info("db2", "v", "lane-sender", "10.1.1.1")
+    assert a.errors is b.errors
+    assert session_info("db1", "u", "lane-sender", "10.1.1.2").errors is not a.errors   # another client address
+    querylog._sessions.clear()        # as when 10,000 session infos are reached
+    c = session_info("db3", "u", "lane-sender", "10.1.1.1")
+    assert c is not a and c.errors is a.errors
