@@ -22,7 +22,8 @@ and the event's values bucketed to under 1 % (not with parameters), so a steady 
 model at all. A steady batch (no errors, no parameters) is collected column by column in C loops (map,
 list.count) rather than record by record; when all its records share one (statement, session), as under a
 benchmark or a single busy application, that is looked up once. A memo key is one int (the group number of
-(fixed part, SQLSTATE, recent errors) and the three buckets), computed for the batch with numpy. The few rows a
+(fixed part, SQLSTATE, recent errors) and the three buckets), computed for the batch with numpy (for a batch of a
+few records, by bisecting a table of the buckets' first whole numbers: the same buckets). The few rows a
 batch needs (memo misses, new flags) are built one by one with proxy.features' own arithmetic, which costs less
 than the column-wise path at that size. A flagged key keeps the row and rule signals its class and reason come
 from, so a flag repeated within its key's bucket costs no feature row; the reason is put in words only when read.
@@ -36,6 +37,10 @@ statement succeeded, whose sender has had no failed statement within the error w
 rows fall in a lane counts it (lane_hits) and appends nothing: the statement's score is one of those memoized below
 the threshold, as the batch would have found it. Everything else becomes a record as before. A new model or context,
 and an emptied memo, close every lane. Flags never come from a lane: it only holds scores below the threshold.
+When a lane is met again by a statement beyond a gap (buckets no statement has fallen in yet), the scorer fills the
+gap: it scores the buckets within half a log unit of the lane's ends at both ends of each bucket, in one model call,
+and the lane may grow over a filled bucket whose higher score of the two is below the threshold. Fills serve the
+lanes only; the memo still holds the scores of statements.
 """
 from __future__ import annotations
 
@@ -104,6 +109,7 @@ _GROUP_SHIFT = 3 * _Q_BITS
 _DUR_SHIFT = 2 * _Q_BITS
 _RESEED_BATCHES = 25        # after lanes close, batches whose memo hits open lanes too (the memo may have kept them)
 _LANE_LIMIT = 50_000        # lanes (session, text, bytes, rows) kept before all are closed and opened anew
+_FILL_BUCKETS = 64          # buckets scored beyond each end of a lane that meets a new bucket (half a log unit)
 _G_TS, _G_DUR, _G_ROWS, _G_BYTES, _G_STATE, _G_STMT, _G_SESSION = (
     operator.itemgetter(i) for i in (R_TS, R_DURATION, R_ROWS, R_BYTES, R_SQLSTATE, R_STMT, R_SESSION))
 DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -163,6 +169,7 @@ def _bucket_table(n: int) -> tuple[list[int], list[int]]:
 # Durations up to 10^12 us; beyond, spans are computed one at a time.
 _TABLE_BUCKETS = int(math.log1p(1e12) * _MEMO_STEPS)
 _FIRST_US, _BUCKET_OF_FIRST = _bucket_table(_TABLE_BUCKETS)
+_TABLE_END = _FIRST_US[_TABLE_BUCKETS]      # whole numbers below this are bucketed by bisecting _FIRST_US
 
 
 def bucket_span(q: int) -> tuple[int, int] | None:
@@ -320,6 +327,7 @@ class AnomalyScorer:
         self.lane_hits = 0                           # statements the sessions counted in a lane, not yet settled
         self._lanes: dict[tuple, tuple] = {}         # (session, simple, text, bytes, rows) -> (memo key base, buckets)
         self._laned: set = set()                     # SessionInfos whose lane_q / lane_x hold ranges
+        self._filled: dict[int, float] = {}          # memo key -> the higher score of its bucket's two ends
         self._reseed = 0                             # batches whose every memo key may open a lane (not only new)
         self._log_allowance = cfg.log_max_per_second
         self._log_checked = time.monotonic()
@@ -531,6 +539,7 @@ class AnomalyScorer:
         self._steady.clear()
         self._memo.clear()
         self._flag_rows.clear()
+        self._filled.clear()
         self._close_lanes()
 
     # ---------------------------------------------------------------- the inline lane
@@ -597,30 +606,103 @@ class AnomalyScorer:
             else:
                 text = sql
             keys_of.setdefault((rec[R_SESSION], simple, text, rec[R_BYTES], rec[R_ROWS]), []).append(key)
+        filling: list[tuple] = []
         for at, lane_keys in keys_of.items():
             base = lane_keys[0] & ~(_Q_MAX << _DUR_SHIFT)     # the same fixed part, rows and bytes: one base
             known = lanes.get(at)
-            if known is not None and known[0] == base:
+            again = known is not None and known[0] == base
+            if again:
                 qlo, qhi = known[1], known[2]
             else:
                 # seeded at the batch's middle duration bucket for it (a duration's: not empty), then grown
                 buckets = sorted((key >> _DUR_SHIFT) & _Q_MAX for key in lane_keys)
                 qlo = qhi = buckets[len(buckets) // 2]
             qlo, qhi = self._widen(base, qlo, qhi, threshold)
-            if known == (base, qlo, qhi):
+            if again and any(not qlo <= (key >> _DUR_SHIFT) & _Q_MAX <= qhi for key in lane_keys):
+                # A lane met again beyond a gap: score the buckets around it (below).
+                filling.append((at, base, qlo, qhi, first[lane_keys[0]]))
                 continue
-            lanes[at] = (base, qlo, qhi)
-            who, simple, text, nbytes, nrows = at
-            (who.lane_q if simple else who.lane_x).setdefault(text, {})[nbytes] = (
-                bucket_span(qlo)[0], bucket_span(qhi)[1], nrows)
-            self._laned.add(who)
+            self._set_lane(at, known, base, qlo, qhi)
+        if filling:
+            self._fill(records, f, filling)
+            for at, base, qlo, qhi, _ in filling:
+                qlo, qhi = self._widen(base, qlo, qhi, threshold)
+                self._set_lane(at, lanes.get(at), base, qlo, qhi)
+
+    def _set_lane(self, at: tuple, known: tuple | None, base: int, qlo: int, qhi: int) -> None:
+        if known == (base, qlo, qhi):
+            return
+        self._lanes[at] = (base, qlo, qhi)
+        who, simple, text, nbytes, nrows = at
+        (who.lane_q if simple else who.lane_x).setdefault(text, {})[nbytes] = (
+            bucket_span(qlo)[0], bucket_span(qhi)[1], nrows)
+        self._laned.add(who)
+
+    def _fill(self, records: list[tuple], f: "_Facts", filling: list[tuple]) -> None:
+        """Score the buckets within _FILL_BUCKETS of each lane's ends that neither the memo nor an earlier fill
+        holds, at both of each bucket's ends (its shortest and longest whole duration), in one model call, and keep
+        the higher score of the two per bucket for the lanes (_filled). The memo is not touched: a statement's own
+        score still comes from the first statement of its bucket.
+
+        A lane grows only through buckets the memo or a fill holds; without a fill, a new bucket beyond a gap (a
+        bucket no statement has fallen in yet) starts no growth, and the statements beyond it keep becoming
+        records, each batch calling the model for its new buckets. A fill closes such gaps near a lane that is met
+        again, so that a steady workload's lanes soon cover its durations."""
+        memo, filled = self._memo, self._filled
+        if len(filled) >= _MEMO_LIMIT:
+            filled.clear()       # the lanes already made stay: their ranges were scored by the model in use
+        keys: list[int] = []
+        ends: list[int] = []
+        source: list[int] = []
+        for _, base, qlo, qhi, k in filling:
+            todo = []
+            q = qhi
+            for _ in range(_FILL_BUCKETS):
+                if q >= _Q_MAX:
+                    break
+                q = _next_bucket(q)
+                todo.append(q)
+            q = qlo
+            for _ in range(_FILL_BUCKETS):
+                q = _previous_bucket(q)
+                if q is None:
+                    break
+                todo.append(q)
+            for q in todo:
+                key = base | (q << _DUR_SHIFT)
+                if key in memo or key in filled:
+                    continue
+                span = bucket_span(q)
+                if span is None:
+                    continue
+                keys.append(key)
+                ends += span
+                source += (k, k)
+        if not keys:
+            return
+        g = _Facts()
+        g.parts = [f.parts[k] for k in source]
+        g.index = range(len(source))
+        g.dur = ends
+        g.nrows = [f.nrows[k] for k in source]
+        g.nbytes = [f.nbytes[k] for k in source]
+        g.failed = [False] * len(source)
+        g.recent = [0] * len(source)
+        scores = self._model_scores(self._matrix([records[f.index[k]] for k in source], g)).tolist()
+        for n, key in enumerate(keys):
+            a, b = scores[2 * n], scores[2 * n + 1]
+            filled[key] = max(a, b) if a == a and b == b else math.nan     # NaN: never below the threshold
 
     def _widen(self, base: int, qlo: int, qhi: int, threshold: float) -> tuple[int, int]:
-        """Buckets [qlo, qhi] grown by each neighbouring bucket the memo holds a score below the threshold for."""
-        memo = self._memo
+        """Buckets [qlo, qhi] grown by each neighbouring bucket the memo (or a fill) holds a score below the
+        threshold for."""
+        memo, filled = self._memo, self._filled
         while qhi < _Q_MAX:
             q = _next_bucket(qhi)
-            v = memo.get(base | (q << _DUR_SHIFT))
+            key = base | (q << _DUR_SHIFT)
+            v = memo.get(key)
+            if v is None:
+                v = filled.get(key)
             if v is None or not v < threshold:
                 break
             qhi = q
@@ -628,33 +710,55 @@ class AnomalyScorer:
             q = _previous_bucket(qlo)
             if q is None:
                 break
-            v = memo.get(base | (q << _DUR_SHIFT))
+            key = base | (q << _DUR_SHIFT)
+            v = memo.get(key)
+            if v is None:
+                v = filled.get(key)
             if v is None or not v < threshold:
                 break
             qlo = q
         return qlo, qhi
 
-    def _memo_keys(self, records: list[tuple], f: "_Facts") -> tuple[list[int], np.ndarray]:
+    def _memo_keys(self, records: list[tuple], f: "_Facts") -> tuple[list[int], list | np.ndarray]:
         """Each collected record's memo key: its group (fixed part, SQLSTATE, recent errors) and its duration,
-        rows and bytes, each bucketed to 1/_MEMO_STEPS of a log unit, packed in one int; and the durations."""
+        rows and bytes, each bucketed to 1/_MEMO_STEPS of a log unit, packed in one int; and the durations.
+
+        A few records of whole numbers (the steady state with the inline lane: a batch is the statements outside
+        every lane) are bucketed by bisecting the bucket table, which gives a whole number the bucket numpy gives
+        it, without numpy's fixed cost per call."""
         n = len(f.parts)
-        F = np.array(f.dur + f.nrows + f.nbytes, dtype=np.float64).reshape(3, n)
+        values = f.dur + f.nrows + f.nbytes
+        if n <= _FEW_ROWS and all(type(v) is int and 0 <= v < _TABLE_END for v in values):
+            first = _FIRST_US
+            q = [bisect.bisect_right(first, v) - 1 for v in values]
+            codes = [(q[i] << _DUR_SHIFT) | (q[n + i] << _Q_BITS) | q[2 * n + i] for i in range(n)]
+            group = f.group
+            if group is None:
+                group_list = self._group_numbers(records, f)
+                return [c | (g << _GROUP_SHIFT) for c, g in zip(codes, group_list)], f.dur
+            shifted = group << _GROUP_SHIFT
+            return [c | shifted for c in codes], f.dur
+        F = np.array(values, dtype=np.float64).reshape(3, n)
         Q = _buckets(F)
         code = (Q[0] << (2 * _Q_BITS)) | (Q[1] << _Q_BITS) | Q[2]
         group = f.group
         if group is None:
-            steady = self._steady
-            if not any(f.failed) and not any(f.recent):
-                groups = list(map(steady.get, f.parts))
-                if None in groups:
-                    groups = [self._group_of(p, None, 0) if g is None else g for p, g in zip(f.parts, groups)]
-            else:
-                keys = list(zip(f.parts, [records[i][R_SQLSTATE] for i in f.index], f.recent))
-                groups = list(map(self._groups.get, keys))
-                if None in groups:
-                    groups = [self._group_of(*key) if g is None else g for key, g in zip(keys, groups)]
-            group = np.array(groups, dtype=np.int64)
+            group = np.array(self._group_numbers(records, f), dtype=np.int64)
         return (code | (group << _GROUP_SHIFT)).tolist(), F[0]
+
+    def _group_numbers(self, records: list[tuple], f: "_Facts") -> list[int]:
+        """Each collected record's memo group number (numbered on first sight)."""
+        steady = self._steady
+        if not any(f.failed) and not any(f.recent):
+            groups = list(map(steady.get, f.parts))
+            if None in groups:
+                groups = [self._group_of(p, None, 0) if g is None else g for p, g in zip(f.parts, groups)]
+            return groups
+        keys = list(zip(f.parts, [records[i][R_SQLSTATE] for i in f.index], f.recent))
+        groups = list(map(self._groups.get, keys))
+        if None in groups:
+            groups = [self._group_of(*key) if g is None else g for key, g in zip(keys, groups)]
+        return groups
 
     def _matrix(self, records: list[tuple], f: "_Facts", rows: list[int] | None = None) -> np.ndarray:
         """The feature rows of the collected records (of positions `rows` among them, if given)."""
@@ -874,9 +978,17 @@ class AnomalyScorer:
         self.batch_sum += n
         self.batch_counts[bisect.bisect_left(BATCH_BUCKETS, n)] += 1
         now = time.time()
-        delays = now - (np.array(ts, dtype=np.float64) + np.asarray(dur, dtype=np.float64) * 1e-6)
-        self.delay_sum += float(delays.sum())
-        self.delay_counts += np.bincount(_DELAY_EDGES.searchsorted(delays), minlength=len(DELAY_BUCKETS) + 1)
+        if n <= _FEW_ROWS:      # as below, without numpy's fixed cost per call
+            counts, total = self.delay_counts, 0.0
+            for t, d in zip(ts, dur):
+                delay = now - (t + d * 1e-6)
+                total += delay
+                counts[bisect.bisect_left(DELAY_BUCKETS, delay)] += 1
+            self.delay_sum += float(total)
+        else:
+            delays = now - (np.array(ts, dtype=np.float64) + np.asarray(dur, dtype=np.float64) * 1e-6)
+            self.delay_sum += float(delays.sum())
+            self.delay_counts += np.bincount(_DELAY_EDGES.searchsorted(delays), minlength=len(DELAY_BUCKETS) + 1)
         self.busy_seconds += time.thread_time() - started   # the accounting above is the scorer's work too
 
     # ---------------------------------------------------------------- flags

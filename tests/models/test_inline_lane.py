@@ -121,6 +121,50 @@ def test_a_new_model_closes_every_lane():
     assert not who.lane_x and not s._lanes
 
 
+def test_a_few_records_get_the_memo_keys_numpy_gives_them():
+    # A batch of up to 8 records is bucketed by bisecting the bucket table, a larger one with numpy: the keys agree,
+    # also at each bucket's two ends.
+    r = random.Random(9)
+    who = session_info("bench", "u", "lane-keys", "10.0.0.7")
+    s = scorer(True)
+    values = list(range(0, 300)) + [r.randrange(10 ** k) for k in range(1, 12) for _ in range(40)]
+    for q in r.sample(range(3000), 300):
+        span = bucket_span(q)
+        if span is not None:
+            values += span
+    r.shuffle(values)
+    for at in range(0, len(values) - 24, 24):
+        v = values[at:at + 24]
+        few = [(1e9, v[k], 0, bytes(SELECT), v[8 + k], v[16 + k], None, who, 1, 1, False, -1, None, None, None, None)
+               for k in range(8)]
+        keys_few, _ = s._memo_keys(few, s._collect(few, s.feed.analyse(few)))
+        many = few + few
+        keys_many, _ = s._memo_keys(many, s._collect(many, s.feed.analyse(many)))
+        assert keys_few == keys_many[:8] == keys_many[8:]
+
+
+def test_a_lane_met_beyond_a_gap_is_filled_around_but_never_over_a_high_bucket():
+    # A lane around 600 us, then a statement at 640 us with unseen buckets between: the scorer scores the buckets
+    # around the lane (both ends of each) and the lane grows over them, up to the band's first bucket and no further.
+    who = session_info("bench", "u", "lane-fill", "10.0.0.8")
+    laned, plain = scorer(True), scorer(False)
+    batch = [record(1e9 + k, 600 + k % 6, who, False, 1) for k in range(60)]
+    laned.feed.records.extend(batch)
+    laned.feed.tick()
+    ((lo, hi, _),) = who.lane_x[SELECT].values()
+    assert 590 <= lo and hi <= 610
+    memo = set(laned._memo)
+    laned.feed.records.append(record(1e9 + 100, 640, who, False, 1))
+    laned.feed.tick()
+    assert len(laned._memo) == len(memo) + 1           # the new bucket only: fills keep to themselves
+    ((lo, hi, _),) = who.lane_x[SELECT].values()
+    # half a log unit below (600 / e^0.5 = 364), and up to the bucket holding 699 and 700 (the band's start)
+    assert lo < 400 and 690 <= hi < 700, (lo, hi)
+    durations = list(range(lo, hi + 1))
+    probe = [(2e9 + k, d, 0, bytes(SELECT), *record(0, 0, who, False, 0)[4:]) for k, d in enumerate(durations)]
+    assert max(plain.score_records(probe, plain.feed.analyse(probe))) < 0.5
+
+
 # ---------------------------------------------------------------- through a proxy
 
 def counters(proxy) -> tuple[float, float]:
