@@ -24,6 +24,7 @@ import json
 import os
 import re
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in started:
             s.destroy() if isinstance(s, PgBouncer) else s.stop()
         pg.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     summary = []
     print(f"\n{'scenario':18} {'PgBouncer tps':>13} {'pgpilot tps':>11} {'ratio':>6} "

@@ -31,6 +31,7 @@ import json
 import re
 import resource
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -546,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             p.stop()
         redis.destroy()
         cluster.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def print_report(report: Report) -> None:

@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         cluster.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _med(rounds: list, *path, default=float("nan")) -> float:

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(r["learn_s"] < TARGET_SECONDS for r in rounds) else 2
     finally:
         cluster.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def print_results(gen: dict, rounds: list[dict]) -> None:

@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -403,12 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     duration = int(args.duration) if float(args.duration).is_integer() else args.duration
     cluster = PgCluster().start()
     proxies: list[ProxyProcess] = []
+    model_dir = Path(tempfile.mkdtemp(prefix="pgpilot-bench-models-"))
     try:
         cluster.psql(f"CREATE DATABASE {DBNAME}")
         log(f"pgbench -i -s {args.scale}")
         subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", cluster.host, "-p", str(cluster.port),
                         "-U", "postgres", DBNAME], check=True, capture_output=True)
-        model_dir = Path(tempfile.mkdtemp(prefix="pgpilot-bench-models-"))
         shas = train_models(cluster, model_dir, args.train_seconds, args.clients)
         if args.in_process:
             in_process(cluster, model_dir)
@@ -449,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in proxies:
             p.stop()
         cluster.destroy()
+        shutil.rmtree(model_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import asyncio
 import datetime as dt
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -171,6 +172,7 @@ async def _copy_round(dsn: str, events: list[QueryEvent]) -> tuple[float, float]
 def bench_writer(n: int, rounds: int) -> list[dict]:
     from tests.support.services import PgCluster
     cluster = PgCluster().start()
+    spool = None
     try:
         cluster.psql("CREATE DATABASE logstore")
         dsn = cluster.dsn_for("logstore")
@@ -188,6 +190,8 @@ def bench_writer(n: int, rounds: int) -> list[dict]:
                  "events_per_s": statistics.median(t for _, t in v), "rounds": v} for k, v in results.items()]
     finally:
         cluster.destroy()
+        if spool is not None:
+            shutil.rmtree(spool, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
