@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import re
 import shutil
 import statistics
@@ -75,6 +76,8 @@ class Summary:
     tps: dict = field(default_factory=dict)
     cpu_us_per_tx: dict = field(default_factory=dict)
     ratio_on_off: float | None = None
+    ratio_ci90: tuple | None = None      # bootstrap 90 % interval of that median, over the rounds
+    ratio_of_totals: float | None = None  # transactions on / off over all rounds (equal durations)
     scoring_us_per_statement: float | None = None
     mean_batch: float | None = None
     scored_within_100ms: float | None = None
@@ -91,7 +94,7 @@ def pgbench(host: str, port: int, *args: str, timeout: float = 600) -> subproces
                           capture_output=True, text=True, timeout=timeout)
 
 
-def train_models(cluster: PgCluster, model_dir: Path, seconds: float, clients: int) -> dict:
+def train_models(cluster: PgCluster, model_dir: Path, seconds: int, clients: int) -> dict:
     """The learner's anomaly model from logged pgbench traffic at the benchmark's own client count (the normal
     latencies of a saturated machine are what it must learn: trained on lighter traffic it flags the load itself),
     and the stand-in cache model; returns their shas."""
@@ -303,7 +306,7 @@ def delay_stats(before: dict, after: dict) -> tuple[float | None, float | None]:
     return within, p99 * 1000
 
 
-def run_once(n: int, target: str, proxy: ProxyProcess, clients: int, duration: float, protocol: str) -> Run:
+def run_once(n: int, target: str, proxy: ProxyProcess, clients: int, duration: int, protocol: str) -> Run:
     proc = psutil.Process(proxy.proc.pid)
     before_cpu = sum(proc.cpu_times()[:2])
     before = scorer_counters(proxy) if target == "on" else None
@@ -336,6 +339,17 @@ def median(values) -> float | None:
     return statistics.median(values) if values else None
 
 
+def bootstrap_median_ci(values: list[float], level: float = 0.90, resamples: int = 4000) -> tuple | None:
+    """Percentile bootstrap interval of the median: how far the rounds' noise leaves the median uncertain."""
+    if len(values) < 3:
+        return None
+    rnd = random.Random(0)
+    meds = sorted(statistics.median(rnd.choices(values, k=len(values))) for _ in range(resamples))
+    lo = meds[int((1 - level) / 2 * resamples)]
+    hi = meds[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return (lo, hi)
+
+
 def summarize(runs: list[Run], protocol: str) -> Summary:
     runs = [r for r in runs if r.protocol == protocol]
     s = Summary(protocol)
@@ -348,6 +362,9 @@ def summarize(runs: list[Run], protocol: str) -> Summary:
         if all(one.get(t) and one[t].tps for t in TARGETS):
             ratios.append(one["on"].tps / one["off"].tps)
     s.ratio_on_off = median(ratios)
+    s.ratio_ci90 = bootstrap_median_ci(ratios)
+    tx = {t: sum(r.transactions for r in runs if r.target == t and r.tps) for t in TARGETS}
+    s.ratio_of_totals = tx["on"] / tx["off"] if tx["off"] else None
     on = [r for r in runs if r.target == "on"]
     s.scoring_us_per_statement = median(r.scoring_us_per_statement for r in on)
     s.mean_batch = median(r.mean_batch for r in on)
@@ -372,8 +389,10 @@ def print_table(runs: list[Run], s: Summary, clients: int, protocol: str, cache:
               f"{fmt(r.scoring_us_per_statement, '.2f'):>15} {fmt(r.mean_batch, '.1f'):>6} "
               f"{fmt(None if r.scored_within_100ms is None else 100 * r.scored_within_100ms, '.2f'):>7} "
               f"{r.flags if r.target == 'on' else '':>6}" + (f"  {r.error}" if r.error else ""))
+    ci = s.ratio_ci90
     print(f"\nmedian TPS off {fmt(s.tps['off'])}, on {fmt(s.tps['on'])}; on/off (median of per-round ratios) "
-          f"{fmt(s.ratio_on_off, '.3f')}")
+          f"{fmt(s.ratio_on_off, '.3f')}" + (f", 90% bootstrap interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else "")
+          + f"; all transactions on/off {fmt(s.ratio_of_totals, '.3f')}")
     print(f"proxy CPU per transaction: off {fmt(s.cpu_us_per_tx['off'], '.1f')} us, on "
           f"{fmt(s.cpu_us_per_tx['on'], '.1f')} us; scorer CPU per statement {fmt(s.scoring_us_per_statement, '.2f')} "
           f"us (mean batch {fmt(s.mean_batch, '.1f')})")
@@ -385,13 +404,13 @@ def print_table(runs: list[Run], s: Summary, clients: int, protocol: str, cache:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.models_overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=10, help="seconds per pgbench run")
+    parser.add_argument("--duration", type=int, default=10, help="seconds per pgbench run (pgbench -T: whole seconds)")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--protocols", default="simple,extended,prepared",
                         help="comma-separated pgbench -M protocols, each run every round")
     parser.add_argument("--pool-size", type=int, default=20)
-    parser.add_argument("--train-seconds", type=float, default=5, help="pgbench traffic logged for training")
+    parser.add_argument("--train-seconds", type=int, default=5, help="seconds of pgbench traffic logged for training")
     parser.add_argument("--no-cache", action="store_true", help="result cache off in both (no admission at all)")
     parser.add_argument("--query-log", action="store_true", help="query log on in both (the product's default)")
     parser.add_argument("--json", help="write every run and the summary here")
@@ -401,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.scale, args.clients, args.train_seconds = 1, 2, 1, 4, 2
-    duration = int(args.duration) if float(args.duration).is_integer() else args.duration
+    duration = args.duration
     cluster = PgCluster().start()
     proxies: list[ProxyProcess] = []
     model_dir = Path(tempfile.mkdtemp(prefix="pgpilot-bench-models-"))
@@ -436,10 +455,12 @@ def main(argv: list[str] | None = None) -> int:
         summaries = [summarize(runs, p) for p in protocols]
         for summary in summaries:
             print_table(runs, summary, args.clients, summary.protocol, not args.no_cache, args.query_log)
-        print(f"\n{'protocol':<9} | {'TPS off':>8} {'on':>8} | {'on/off':>6} | {'cpu us/tx off':>13} {'on':>6} | "
-              f"{'scorer us/stmt':>14}")
+        print(f"\n{'protocol':<9} | {'TPS off':>8} {'on':>8} | {'on/off':>6} {'90% interval':>12} {'all tx':>6} | "
+              f"{'cpu us/tx off':>13} {'on':>6} | {'scorer us/stmt':>14}")
         for s in summaries:
-            print(f"{s.protocol:<9} | {fmt(s.tps['off']):>8} {fmt(s.tps['on']):>8} | {fmt(s.ratio_on_off, '.3f'):>6} | "
+            ci = f"{s.ratio_ci90[0]:.3f}-{s.ratio_ci90[1]:.3f}" if s.ratio_ci90 else "-"
+            print(f"{s.protocol:<9} | {fmt(s.tps['off']):>8} {fmt(s.tps['on']):>8} | {fmt(s.ratio_on_off, '.3f'):>6} "
+                  f"{ci:>12} {fmt(s.ratio_of_totals, '.3f'):>6} | "
                   f"{fmt(s.cpu_us_per_tx['off'], '.1f'):>13} {fmt(s.cpu_us_per_tx['on'], '.1f'):>6} | "
                   f"{fmt(s.scoring_us_per_statement, '.2f'):>14}")
         if args.json:
