@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from signal import SIGINT
 import subprocess
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import yaml
@@ -26,6 +28,8 @@ class ProxyProcess:
         self.config.setdefault("admin", {}).setdefault("http_listen", f"127.0.0.1:{free_port()}")
         self.config.setdefault("query_log", {}).setdefault("enabled", False)
         self._tmp = tempfile.mkdtemp(prefix="pgpilot-proxy-")
+        # config, log and registry go when this object does (at the latest when the test run ends)
+        weakref.finalize(self, shutil.rmtree, self._tmp, True)
         # A registry of its own: never a model left in the working tree by another run.
         self.config.setdefault("learning", {}).setdefault("model_dir", str(Path(self._tmp) / "models"))
         self.config_path = Path(self._tmp) / "config.yaml"
