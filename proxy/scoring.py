@@ -630,6 +630,7 @@ class AnomalyScorer:
                 self._set_lane(at, lanes.get(at), base, qlo, qhi)
 
     def _set_lane(self, at: tuple, known: tuple | None, base: int, qlo: int, qhi: int) -> None:
+        """Give lane `at` buckets [qlo, qhi] (in microseconds, in its sender's lane_q or lane_x)."""
         if known == (base, qlo, qhi):
             return
         self._lanes[at] = (base, qlo, qhi)
@@ -697,24 +698,22 @@ class AnomalyScorer:
         """Buckets [qlo, qhi] grown by each neighbouring bucket the memo (or a fill) holds a score below the
         threshold for."""
         memo, filled = self._memo, self._filled
-        while qhi < _Q_MAX:
-            q = _next_bucket(qhi)
+
+        def below(q: int) -> bool:
             key = base | (q << _DUR_SHIFT)
             v = memo.get(key)
             if v is None:
                 v = filled.get(key)
-            if v is None or not v < threshold:
+            return v is not None and v < threshold       # NaN is not below
+
+        while qhi < _Q_MAX:
+            q = _next_bucket(qhi)
+            if not below(q):
                 break
             qhi = q
         while True:
             q = _previous_bucket(qlo)
-            if q is None:
-                break
-            key = base | (q << _DUR_SHIFT)
-            v = memo.get(key)
-            if v is None:
-                v = filled.get(key)
-            if v is None or not v < threshold:
+            if q is None or not below(q):
                 break
             qlo = q
         return qlo, qhi
