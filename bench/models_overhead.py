@@ -413,11 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-seconds", type=int, default=5, help="seconds of pgbench traffic logged for training")
     parser.add_argument("--no-cache", action="store_true", help="result cache off in both (no admission at all)")
     parser.add_argument("--query-log", action="store_true", help="query log on in both (the product's default)")
+    parser.add_argument("--same", action="store_true",
+                        help="models off in both proxies (an A/A run: the benchmark's own noise, for comparison)")
     parser.add_argument("--json", help="write every run and the summary here")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--in-process", action="store_true",
                         help="no proxies: time the feed's analysis and the scorer per statement in this process")
     args = parser.parse_args(argv)
+    if args.same and args.in_process:
+        parser.error("--same compares two proxies; --in-process runs none")
     if args.quick:
         args.rounds, args.duration, args.scale, args.clients, args.train_seconds = 1, 2, 1, 4, 2
     duration = args.duration
@@ -429,7 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"pgbench -i -s {args.scale}")
         subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", cluster.host, "-p", str(cluster.port),
                         "-U", "postgres", DBNAME], check=True, capture_output=True)
-        shas = train_models(cluster, model_dir, args.train_seconds, args.clients)
+        if args.same:
+            log("--same: models off in both proxies; 'on' names the second one")
+            shas = {}
+        else:
+            shas = train_models(cluster, model_dir, args.train_seconds, args.clients)
         if args.in_process:
             in_process(cluster, model_dir)
             statement_path(cluster, model_dir)
@@ -437,8 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         common = {"databases": {DBNAME: upstream_entry(cluster, DBNAME)}, "pool_size": args.pool_size,
                   "log_connections": False, "learning": {"model_dir": str(model_dir)},
                   "cache": {"enabled": not args.no_cache}, "query_log": {"enabled": args.query_log}}
-        off = ProxyProcess({**common, "anomaly": {"enabled": False}, "models": {"enabled": False}}).start()
-        on = ProxyProcess(common).start()
+        models_off = {**common, "anomaly": {"enabled": False}, "models": {"enabled": False}}
+        off = ProxyProcess(models_off).start()
+        on = ProxyProcess(models_off if args.same else common).start()
         proxies += [off, on]
         protocols = [p for p in args.protocols.split(",") if p]
         runs: list[Run] = []
