@@ -2,21 +2,28 @@
 admission on, against the same proxy with both off, side by side.
 
     python -m bench.models_overhead [--rounds 3] [--duration 10] [--clients 16] [--protocols simple,extended,prepared]
-                                    [--no-cache] [--query-log] [--json out.json] [--quick] [--in-process]
+                                    [--no-cache] [--query-log] [--warmup 2] [--keep-proxies] [--no-pin] [--same]
+                                    [--json out.json] [--quick] [--in-process]
 
 One private PostgreSQL cluster (fsync off) gets `pgbench -i -s <scale>`. Its traffic (pgbench -S and -N with the
-benchmark's client count through a logging proxy for a few seconds) is the log the learner's anomaly step trains on (learning.pipeline, exported to
-ONNX and promoted in a registry). The cache model is a stand-in that declines the pgbench read, as the learner's
-cache simulator decides for random keys that are never read twice before eviction (its own cache step skips a
-log whose labels are all "does not pay").
+benchmark's client count through a logging proxy for a few seconds) is the log the learner's anomaly step trains on
+(learning.pipeline, exported to ONNX and promoted in a registry). The cache model is a stand-in that declines the
+pgbench read, as the learner's cache simulator decides for random keys that are never read twice before eviction
+(its own cache step skips a log whose labels are all "does not pay").
 
 Two proxies run in front of the cluster, identical (transaction pooling, query log off unless --query-log,
-result cache on unless --no-cache) except that `off` has anomaly scoring and model loading disabled, and `on` serves the registry:
-every statement scored by the anomaly model, fills admitted by the cache model. For each round and protocol,
-`pgbench -S -M <protocol> -c <clients> -T <duration>` runs against both, interleaved (which goes first
-alternates by round). The table shows per protocol the median TPS of each, the median of the per-round ratios on/off, the proxy process CPU per transaction (psutil), the
-scorer's own CPU per scored statement (from pgpilot_anomaly_scoring_cpu_seconds / pgpilot_anomaly_scored), the
-mean batch size, and the share of statements scored (and, when flagged, flagged) within 100 ms of completion.
+result cache on unless --no-cache) except that `off` has anomaly scoring and model loading disabled, and `on`
+serves the registry: every statement scored by the anomaly model, fills admitted by the cache model. For each
+round and protocol, `pgbench -S -M <protocol> -c <clients> -T <duration>` runs against both, interleaved (which
+goes first alternates by round), each measured run right after `--warmup` seconds of the same traffic on the same
+proxy. Each round starts two new proxy processes (`--keep-proxies`: the same two throughout), so that a
+process's own luck (hash seed, memory layout) is a round's noise, not a bias of the whole run. On a machine with
+two CPUs or more the proxies run on the last CPU and Postgres, pgbench and this process on the others (`--no-pin`:
+the scheduler places everything), for training too. The table shows per protocol the median TPS of each, the
+median of the per-round ratios on/off with its 90 % bootstrap interval, the proxy process CPU per transaction
+(psutil), the scorer's own CPU per scored statement (from pgpilot_anomaly_scoring_cpu_seconds /
+pgpilot_anomaly_scored), the mean batch size, and the share of statements scored (and, when flagged, flagged)
+within 100 ms of completion. `--same` runs both with models off: an A/A run, the benchmark's own noise.
 
 `--in-process` runs no proxy: after training, it times the statement feed's work per statement in this process
 (thread CPU time of the analysis and of AnomalyScorer.score_records on batches of pgbench -S records whose
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -37,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -94,7 +103,45 @@ def pgbench(host: str, port: int, *args: str, timeout: float = 600) -> subproces
                           capture_output=True, text=True, timeout=timeout)
 
 
-def train_models(cluster: PgCluster, model_dir: Path, seconds: int, clients: int) -> dict:
+class Pinning:
+    """The proxies on one CPU of their own, everything else (Postgres, pgbench, this process) on the others.
+
+    Unpinned, 16 pgbench clients' backends and pgbench's threads share both CPUs with the proxy's one thread,
+    which then waits for a CPU behind them; throughput swings with the scheduler and a proxy's own cost is
+    diluted in those swings. Pinned, the proxy has its core, is the bottleneck, and what it adds shows whole.
+    Processes inherit the CPUs of the process that starts them, so the proxies are started inside
+    `for_proxy()`."""
+
+    def __init__(self, enabled: bool):
+        cpus = sorted(os.sched_getaffinity(0))
+        self.enabled = enabled and len(cpus) >= 2
+        self.proxy_cpus = {cpus[-1]} if self.enabled else set(cpus)
+        self.other_cpus = set(cpus[:-1]) if self.enabled else set(cpus)
+        if self.enabled:
+            os.sched_setaffinity(0, self.other_cpus)
+
+    @contextmanager
+    def for_proxy(self):
+        if not self.enabled:
+            yield
+            return
+        os.sched_setaffinity(0, self.proxy_cpus)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, self.other_cpus)
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "not pinned"
+        return f"proxies on CPU {fmt_cpus(self.proxy_cpus)}, Postgres and pgbench on CPU {fmt_cpus(self.other_cpus)}"
+
+
+def fmt_cpus(cpus: set[int]) -> str:
+    return ",".join(map(str, sorted(cpus)))
+
+
+def train_models(cluster: PgCluster, model_dir: Path, seconds: int, clients: int, pinning: Pinning) -> dict:
     """The learner's anomaly model from logged pgbench traffic at the benchmark's own client count (the normal
     latencies of a saturated machine are what it must learn: trained on lighter traffic it flags the load itself),
     and the stand-in cache model; returns their shas."""
@@ -108,9 +155,10 @@ def train_models(cluster: PgCluster, model_dir: Path, seconds: int, clients: int
     from proxy.config import LearningConfig
     from proxy.features import ServingContext, TemplateStats, transform_many
     dsn = cluster.dsn_for(DBNAME)
-    recorder = ProxyProcess({"databases": {DBNAME: upstream_entry(cluster, DBNAME)},
-                             "query_log": {"enabled": True, "flush_interval": 0.2},
-                             "anomaly": {"enabled": False}, "models": {"enabled": False}}).start()
+    with pinning.for_proxy():    # the normal it learns is the latencies of the setup the runs measure
+        recorder = ProxyProcess({"databases": {DBNAME: upstream_entry(cluster, DBNAME)},
+                                 "query_log": {"enabled": True, "flush_interval": 0.2},
+                                 "anomaly": {"enabled": False}, "models": {"enabled": False}}).start()
     try:
         for script in ("-S", "-N"):
             pgbench(recorder.host, recorder.port, "-n", script, "-c", str(clients), "-j", "2", "-T", str(seconds))
@@ -306,7 +354,10 @@ def delay_stats(before: dict, after: dict) -> tuple[float | None, float | None]:
     return within, p99 * 1000
 
 
-def run_once(n: int, target: str, proxy: ProxyProcess, clients: int, duration: int, protocol: str) -> Run:
+def run_once(n: int, target: str, proxy: ProxyProcess, clients: int, duration: int, protocol: str,
+             warmup: int = 0) -> Run:
+    if warmup:   # the same traffic first, not counted: both proxies start each measured run from the same state
+        pgbench(proxy.host, proxy.port, "-n", "-S", "-M", protocol, "-c", str(clients), "-j", "2", "-T", str(warmup))
     proc = psutil.Process(proxy.proc.pid)
     before_cpu = sum(proc.cpu_times()[:2])
     before = scorer_counters(proxy) if target == "on" else None
@@ -415,6 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-log", action="store_true", help="query log on in both (the product's default)")
     parser.add_argument("--same", action="store_true",
                         help="models off in both proxies (an A/A run: the benchmark's own noise, for comparison)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="seconds of the same pgbench run on a proxy right before each measured run, not counted")
+    parser.add_argument("--keep-proxies", action="store_true",
+                        help="the same two proxy processes for every round (default: new ones each round)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let the scheduler place the proxies (default: on a CPU of their own, the rest elsewhere)")
     parser.add_argument("--json", help="write every run and the summary here")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--in-process", action="store_true",
@@ -423,8 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.same and args.in_process:
         parser.error("--same compares two proxies; --in-process runs none")
     if args.quick:
-        args.rounds, args.duration, args.scale, args.clients, args.train_seconds = 1, 2, 1, 4, 2
+        args.rounds, args.duration, args.scale, args.clients, args.train_seconds, args.warmup = 1, 2, 1, 4, 2, 1
     duration = args.duration
+    pinning = Pinning(not args.no_pin)      # before the cluster starts: its processes inherit the CPUs
+    log(pinning.describe())
     cluster = PgCluster().start()
     proxies: list[ProxyProcess] = []
     model_dir = Path(tempfile.mkdtemp(prefix="pgpilot-bench-models-"))
@@ -437,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             log("--same: models off in both proxies; 'on' names the second one")
             shas = {}
         else:
-            shas = train_models(cluster, model_dir, args.train_seconds, args.clients)
+            shas = train_models(cluster, model_dir, args.train_seconds, args.clients, pinning)
         if args.in_process:
             in_process(cluster, model_dir)
             statement_path(cluster, model_dir)
@@ -446,16 +505,26 @@ def main(argv: list[str] | None = None) -> int:
                   "log_connections": False, "learning": {"model_dir": str(model_dir)},
                   "cache": {"enabled": not args.no_cache}, "query_log": {"enabled": args.query_log}}
         models_off = {**common, "anomaly": {"enabled": False}, "models": {"enabled": False}}
-        off = ProxyProcess(models_off).start()
-        on = ProxyProcess(models_off if args.same else common).start()
-        proxies += [off, on]
+        configs = {"off": models_off, "on": models_off if args.same else common}
         protocols = [p for p in args.protocols.split(",") if p]
         runs: list[Run] = []
+        started: dict[str, ProxyProcess] = {}
         for n in range(1, args.rounds + 1):
+            if not (args.keep_proxies and started):
+                # New processes each round: a process's own luck (its hash seed, its memory layout) then varies
+                # from round to round instead of favouring one proxy in every round of a run.
+                for p in proxies:
+                    p.stop()
+                proxies.clear()
+                with pinning.for_proxy():
+                    for target in (TARGETS if n % 2 else TARGETS[::-1]):
+                        started[target] = ProxyProcess(configs[target]).start()
+                        proxies.append(started[target])
             for protocol in protocols:
-                order = (("off", off), ("on", on)) if n % 2 else (("on", on), ("off", off))
+                order = (("off", started["off"]), ("on", started["on"])) if n % 2 else \
+                    (("on", started["on"]), ("off", started["off"]))
                 for target, proxy in order:
-                    run = run_once(n, target, proxy, args.clients, duration, protocol)
+                    run = run_once(n, target, proxy, args.clients, duration, protocol, args.warmup)
                     runs.append(run)
                     log(f"round {n}/{args.rounds} -M {protocol} {target}: {fmt(run.tps)} TPS, "
                         f"{fmt(run.cpu_us_per_tx, '.1f')} us cpu/tx"
@@ -464,7 +533,9 @@ def main(argv: list[str] | None = None) -> int:
         summaries = [summarize(runs, p) for p in protocols]
         for summary in summaries:
             print_table(runs, summary, args.clients, summary.protocol, not args.no_cache, args.query_log)
-        print(f"\n{'protocol':<9} | {'TPS off':>8} {'on':>8} | {'on/off':>6} {'90% interval':>12} {'all tx':>6} | "
+        print(f"\n{pinning.describe()}; {'new proxies each round' if not args.keep_proxies else 'the same proxies'}, "
+              f"{args.warmup} s warm-up before each {duration} s run")
+        print(f"{'protocol':<9} | {'TPS off':>8} {'on':>8} | {'on/off':>6} {'90% interval':>12} {'all tx':>6} | "
               f"{'cpu us/tx off':>13} {'on':>6} | {'scorer us/stmt':>14}")
         for s in summaries:
             ci = f"{s.ratio_ci90[0]:.3f}-{s.ratio_ci90[1]:.3f}" if s.ratio_ci90 else "-"
