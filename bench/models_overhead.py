@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -45,12 +44,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
 
+from bench.pinning import Pinning
 from tests.ops.helpers import metric_samples
 from tests.support.proxy import ProxyProcess, upstream_entry
 from tests.support.services import PgCluster
@@ -101,44 +100,6 @@ def log(msg: str) -> None:
 def pgbench(host: str, port: int, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(["pgbench", "-h", host, "-p", str(port), "-U", "postgres", *args, DBNAME],
                           capture_output=True, text=True, timeout=timeout)
-
-
-class Pinning:
-    """The proxies on one CPU of their own, everything else (Postgres, pgbench, this process) on the others.
-
-    Unpinned, 16 pgbench clients' backends and pgbench's threads share both CPUs with the proxy's one thread,
-    which then waits for a CPU behind them; throughput swings with the scheduler and a proxy's own cost is
-    diluted in those swings. Pinned, the proxy has its core, is the bottleneck, and what it adds shows whole.
-    Processes inherit the CPUs of the process that starts them, so the proxies are started inside
-    `for_proxy()`."""
-
-    def __init__(self, enabled: bool):
-        cpus = sorted(os.sched_getaffinity(0))
-        self.enabled = enabled and len(cpus) >= 2
-        self.proxy_cpus = {cpus[-1]} if self.enabled else set(cpus)
-        self.other_cpus = set(cpus[:-1]) if self.enabled else set(cpus)
-        if self.enabled:
-            os.sched_setaffinity(0, self.other_cpus)
-
-    @contextmanager
-    def for_proxy(self):
-        if not self.enabled:
-            yield
-            return
-        os.sched_setaffinity(0, self.proxy_cpus)
-        try:
-            yield
-        finally:
-            os.sched_setaffinity(0, self.other_cpus)
-
-    def describe(self) -> str:
-        if not self.enabled:
-            return "not pinned"
-        return f"proxies on CPU {fmt_cpus(self.proxy_cpus)}, Postgres and pgbench on CPU {fmt_cpus(self.other_cpus)}"
-
-
-def fmt_cpus(cpus: set[int]) -> str:
-    return ",".join(map(str, sorted(cpus)))
 
 
 def train_models(cluster: PgCluster, model_dir: Path, seconds: int, clients: int, pinning: Pinning) -> dict:

@@ -1,14 +1,16 @@
 """What the proxy costs: pgbench -S through pgpilot against direct PostgreSQL and PgBouncer, side by side.
 
-    python -m bench.proxy_overhead [--rounds 3] [--duration 10] [--json out.json] [--quick]
+    python -m bench.proxy_overhead [--rounds 3] [--duration 10] [--clients 1,16] [--pin] [--json out.json] [--quick]
 
 One private PostgreSQL cluster (fsync off) is initialised with `pgbench -i -s 10`. In front of it run PgBouncer
 (the Debian package, transaction pooling) and pgpilot (transaction pooling; query log, anomaly scoring and
 models off), both with the same
 pool size (20 by default). For each round, for each query protocol (`-M simple`, `-M extended`,
 `-M prepared`) and client count (`-c 1` for latency, `-c 16 -j 2` for throughput), `pgbench -S -T <duration>`
-runs against direct PostgreSQL, then PgBouncer, then pgpilot (A B C A B C ...), so machine noise hits all three
-alike.
+runs against direct PostgreSQL, PgBouncer and pgpilot, in an order that rotates by round (A B C, B C A, C A B,
+...), so machine noise and position hit all three alike. `--pin` runs both proxies on the last CPU and Postgres,
+pgbench and the benchmark on the others (bench.pinning), so that the load does not compete with the pooler; the
+direct rows then show Postgres on the CPUs left, no longer the machine's limit.
 
 The table shows, per protocol and client count: the median TPS of each target, the median average latency,
 the ratios pgpilot/PgBouncer and pgpilot/direct (each the median of the per-round ratios, so a noisy round
@@ -32,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
+from bench.pinning import Pinning
 from bench.refs import PgBouncer
 from tests.support.proxy import ProxyProcess, upstream_entry
 from tests.support.services import PgCluster
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool-size", type=int, default=20, help="backends per pool, the same for both proxies")
     parser.add_argument("--clients", default="1,16", help="comma-separated client counts")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("--pin", action="store_true",
+                        help="both proxies on a CPU of their own, Postgres and pgbench on the others")
     parser.add_argument("--json", help="write every run and the summary here")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     args = parser.parse_args(argv)
@@ -182,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     protocols = args.protocols.split(",")
     duration = int(args.duration) if float(args.duration).is_integer() else args.duration
 
+    pinning = Pinning(args.pin)      # before the cluster starts: its processes inherit the CPUs
     cluster = PgCluster().start()
     started: list = []
     try:
@@ -190,26 +196,30 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", cluster.host, "-p", str(cluster.port),
                         "-U", cluster.user, DBNAME], check=True, capture_output=True)
 
-        bouncer = PgBouncer(cluster.host, cluster.port, pool_size=args.pool_size).start()
+        with pinning.for_proxy():
+            bouncer = PgBouncer(cluster.host, cluster.port, pool_size=args.pool_size).start()
         started.append(bouncer)
         bouncer_for = {p: bouncer for p in protocols}
         notes = {}
         if "prepared" in protocols and not bouncer.supports_prepared:
-            session_bouncer = PgBouncer(cluster.host, cluster.port, pool_mode="session",
-                                        pool_size=args.pool_size).start()
+            with pinning.for_proxy():
+                session_bouncer = PgBouncer(cluster.host, cluster.port, pool_mode="session",
+                                            pool_size=args.pool_size).start()
             started.append(session_bouncer)
             bouncer_for["prepared"] = session_bouncer
             notes["prepared"] = "session*"
         # The pooler alone, as PgBouncer is: query log, anomaly scoring and models off (bench.querylog_overhead
         # and bench.models_overhead measure what those add).
-        pilot = ProxyProcess({"databases": {DBNAME: upstream_entry(cluster, DBNAME)}, "pool_size": args.pool_size,
-                              "pool_mode": "transaction", "log_level": "warning",
-                              "anomaly": {"enabled": False}, "models": {"enabled": False}}).start()
+        with pinning.for_proxy():
+            pilot = ProxyProcess({"databases": {DBNAME: upstream_entry(cluster, DBNAME)}, "pool_size": args.pool_size,
+                                  "pool_mode": "transaction", "log_level": "warning",
+                                  "anomaly": {"enabled": False}, "models": {"enabled": False}}).start()
         started.append(pilot)
 
         version = ".".join(map(str, bouncer.version))
         print(f"direct :{cluster.port}  PgBouncer {version} :{bouncer.port}  pgpilot :{pilot.port}  "
-              f"pool size {args.pool_size}, {args.rounds} round(s) of {duration}s runs", flush=True)
+              f"pool size {args.pool_size}, {args.rounds} round(s) of {duration}s runs; {pinning.describe()}",
+              flush=True)
         runs: list[Run] = []
         for n in range(1, args.rounds + 1):
             for protocol in protocols:
@@ -218,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                                Target("pgbouncer", bouncer.host, bouncer_for[protocol].port,
                                       bouncer_for[protocol].proc.pid),
                                Target("pgpilot", pilot.host, pilot.port, pilot.proc.pid)]
+                    shift = (n - 1) % len(targets)
+                    targets = targets[shift:] + targets[:shift]
                     for target in targets:
                         cpu_before = cpu_seconds(target.pid)
                         result = pgbench(target, protocol, clients, duration)
