@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     pinning = Pinning(not args.no_pin)      # before the cluster starts: its processes inherit the CPUs
     log(pinning.describe())
     cluster = PgCluster().start()
-    proxies: list[ProxyProcess] = []
+    proxies: dict[str, ProxyProcess] = {}
     model_dir = Path(tempfile.mkdtemp(prefix="pgpilot-bench-models-"))
     try:
         cluster.psql(f"CREATE DATABASE {DBNAME}")
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale), "-h", cluster.host, "-p", str(cluster.port),
                         "-U", "postgres", DBNAME], check=True, capture_output=True)
         if args.same:
-            log("--same: models off in both proxies; 'on' names the second one")
+            log("--same: models off in both proxies; 'on' is only the other one's name")
             shas = {}
         else:
             shas = train_models(cluster, model_dir, args.train_seconds, args.clients, pinning)
@@ -469,23 +469,18 @@ def main(argv: list[str] | None = None) -> int:
         configs = {"off": models_off, "on": models_off if args.same else common}
         protocols = [p for p in args.protocols.split(",") if p]
         runs: list[Run] = []
-        started: dict[str, ProxyProcess] = {}
         for n in range(1, args.rounds + 1):
-            if not (args.keep_proxies and started):
+            order = TARGETS if n % 2 else TARGETS[::-1]      # which goes first alternates by round
+            if not (args.keep_proxies and proxies):
                 # New processes each round: a process's own luck (its hash seed, its memory layout) then varies
                 # from round to round instead of favouring one proxy in every round of a run.
-                for p in proxies:
+                for p in proxies.values():
                     p.stop()
-                proxies.clear()
                 with pinning.for_proxy():
-                    for target in (TARGETS if n % 2 else TARGETS[::-1]):
-                        started[target] = ProxyProcess(configs[target]).start()
-                        proxies.append(started[target])
+                    proxies.update((target, ProxyProcess(configs[target]).start()) for target in order)
             for protocol in protocols:
-                order = (("off", started["off"]), ("on", started["on"])) if n % 2 else \
-                    (("on", started["on"]), ("off", started["off"]))
-                for target, proxy in order:
-                    run = run_once(n, target, proxy, args.clients, duration, protocol, args.warmup)
+                for target in order:
+                    run = run_once(n, target, proxies[target], args.clients, duration, protocol, args.warmup)
                     runs.append(run)
                     log(f"round {n}/{args.rounds} -M {protocol} {target}: {fmt(run.tps)} TPS, "
                         f"{fmt(run.cpu_us_per_tx, '.1f')} us cpu/tx"
@@ -509,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "summaries": [asdict(s) for s in summaries]}, indent=2))
         return 0
     finally:
-        for p in proxies:
+        for p in proxies.values():
             p.stop()
         cluster.destroy()
         shutil.rmtree(model_dir, ignore_errors=True)
