@@ -317,13 +317,16 @@ def delay_stats(before: dict, after: dict) -> tuple[float | None, float | None]:
 
 def run_once(n: int, target: str, proxy: ProxyProcess, clients: int, duration: int, protocol: str,
              warmup: int = 0) -> Run:
+    def select(seconds: int) -> subprocess.CompletedProcess:
+        return pgbench(proxy.host, proxy.port, "-n", "-S", "-M", protocol, "-c", str(clients), "-j", "2",
+                       "-T", str(seconds))
+
     if warmup:   # the same traffic first, not counted: both proxies start each measured run from the same state
-        pgbench(proxy.host, proxy.port, "-n", "-S", "-M", protocol, "-c", str(clients), "-j", "2", "-T", str(warmup))
+        select(warmup)
     proc = psutil.Process(proxy.proc.pid)
     before_cpu = sum(proc.cpu_times()[:2])
     before = scorer_counters(proxy) if target == "on" else None
-    out = pgbench(proxy.host, proxy.port, "-n", "-S", "-M", protocol, "-c", str(clients), "-j", "2",
-                  "-T", str(duration))
+    out = select(duration)
     cpu = sum(proc.cpu_times()[:2]) - before_cpu
     text = out.stdout
     m = re.search(r"tps = ([\d.]+) \(without initial connection time\)", text)
